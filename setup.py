@@ -1,0 +1,42 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "soteria" / "version.py").read_text(), version)
+
+setup(
+    name="soteria",
+    version=version["__version__"],
+    description=(
+        "Language-specific functional parameter steering for multilingual safety alignment "
+        "of Hugging Face causal LMs, with fused Triton kernels."
+    ),
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["soteria", "soteria.*", "soteria_kernels", "soteria_kernels.*"]),
+    package_data={"soteria": ["data/**/*.json", "data/**/*.jsonl"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        # Triton wheels exist for Linux only; elsewhere the eager PyTorch path runs.
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=4.48",
+        "safetensors>=0.4.3",
+        "huggingface-hub>=0.26",
+        "tqdm>=4.64",
+        "numpy",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "accelerate>=1.0", "peft>=0.13", "scipy"],
+    },
+    entry_points={"console_scripts": ["soteria=soteria.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,45 @@
+"""soteria: language-specific functional parameter steering for multilingual safety.
+
+Public names are imported lazily so that ``import soteria`` stays cheap (no transformers
+import until a model-facing name is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .version import __version__
+
+_LAZY = {
+    "SoteriaPatcher": "soteria.steering",
+    "SoteriaConfig": "soteria.config",
+    "HarmVector": "soteria.harm",
+    "HeadScores": "soteria.heads",
+    "find_heads": "soteria.heads",
+    "save_steered": "soteria.export",
+    "steer_checkpoint": "soteria.export",
+    "push_to_hub": "soteria.export",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'soteria' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import SoteriaConfig
+    from .export import push_to_hub, save_steered, steer_checkpoint
+    from .harm import HarmVector
+    from .heads import HeadScores, find_heads
+    from .steering import SoteriaPatcher

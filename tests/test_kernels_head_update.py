@@ -1,0 +1,190 @@
+"""masked_head_update_ / masked_head_steer_: Triton (interpreted) and eager vs a float64 oracle."""
+
+import math
+
+import pytest
+import torch
+
+import soteria_kernels as sk
+from tests.kernel_utils import DTYPES, assert_bit_identical, assert_close_report
+
+
+@pytest.fixture(params=["triton", "eager"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", request.param)
+    return request.param
+
+
+def _oracle(weight, other, heads, head_dim, scales, head_axis, fused):
+    """Dense float64 formula of the paper: ``W - scale * (M * tau)``, rounded once."""
+    w = weight.double()
+    tau = other.double() - w if fused else other.double()
+    axis = head_axis % 2
+    m = torch.zeros(weight.shape[axis], dtype=torch.float64)
+    for h, s in zip(heads, scales):
+        m[h * head_dim : (h + 1) * head_dim] = s
+    m = m[None, :] if axis == 1 else m[:, None]
+    return (w - m * tau).to(weight.dtype)
+
+
+def _selected(weight, heads, head_dim, head_axis):
+    mask = torch.zeros(weight.shape, dtype=torch.bool)
+    for h in heads:
+        if head_axis % 2 == 1:
+            mask[:, h * head_dim : (h + 1) * head_dim] = True
+        else:
+            mask[h * head_dim : (h + 1) * head_dim, :] = True
+    return mask
+
+
+def _tolerance(weight, other, expected, scales_dense, fused):
+    """One ulp of the result in the weight dtype, plus fp32 rounding of the operands
+    (``scale`` and ``scale * tau`` are rounded to fp32 before the subtraction)."""
+    w = weight.double()
+    tau = other.double() - w if fused else other.double()
+    f32 = torch.finfo(torch.float32).eps
+    return torch.finfo(weight.dtype).eps * expected.double().abs() + 2 * f32 * (w.abs() + (scales_dense * tau).abs())
+
+
+def _dense_scales(weight, heads, head_dim, scales, head_axis):
+    axis = head_axis % 2
+    m = torch.zeros(weight.shape[axis], dtype=torch.float64)
+    for h, s in zip(heads, scales):
+        m[h * head_dim : (h + 1) * head_dim] = abs(s)
+    return m[None, :] if axis == 1 else m[:, None]
+
+
+def _run_and_check(weight, other, heads, head_dim, scale, head_axis, fused):
+    k = len(heads)
+    scales = [float(scale)] * k if not isinstance(scale, (list, torch.Tensor)) else [float(s) for s in scale]
+    before = weight.clone()
+    expected = _oracle(weight, other, heads, head_dim, scales, head_axis, fused)
+    tol = _tolerance(weight, other, expected, _dense_scales(weight, heads, head_dim, scales, head_axis), fused)
+    fn = sk.masked_head_steer_ if fused else sk.masked_head_update_
+    out = fn(weight, other, heads, head_dim=head_dim, scale=scale, head_axis=head_axis)
+    assert out is weight
+    sel = _selected(weight, heads, head_dim, head_axis)
+    assert_bit_identical(weight[~sel], before[~sel], what="unselected elements")
+    assert_close_report(weight[sel], expected[sel], atol=tol[sel], what="selected")
+    if weight.dtype != torch.float32:  # fp32 rounding is far below a bf16/fp16 ulp
+        frac_exact = (weight[sel] == expected[sel]).double().mean().item() if sel.any() else 1.0
+        assert frac_exact > 0.95, f"only {frac_exact:.3f} of the edited elements round like the float64 formula"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "steer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("head_axis", [-1, 0], ids=["linear", "conv1d"])
+def test_matches_float64(backend, fused, dtype, head_dim, head_axis):
+    num_heads, d_model = 5, 37
+    shape = (d_model, num_heads * head_dim) if head_axis == -1 else (num_heads * head_dim, d_model)
+    weight = torch.randn(shape).to(dtype)
+    other = (weight.float() + 0.1 * torch.randn(shape)).to(dtype) if fused else torch.randn(shape).to(dtype)
+    _run_and_check(weight, other, [4, 0, 2], head_dim, 0.7, head_axis, fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "steer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_head_scales_and_tensor_heads(backend, fused, dtype):
+    weight = torch.randn(19, 6 * 24).to(dtype)
+    other = torch.randn_like(weight)
+    heads = torch.tensor([5, 1, 3])
+    before = weight.clone()
+    scales = torch.tensor([0.25, -1.5, 2.0])
+    expected = _oracle(before, other, heads.tolist(), 24, scales.tolist(), -1, fused)
+    fn = sk.masked_head_steer_ if fused else sk.masked_head_update_
+    fn(weight, other, heads, head_dim=24, scale=scales)
+    sel = _selected(weight, heads.tolist(), 24, -1)
+    tol = _tolerance(before, other, expected, _dense_scales(before, heads.tolist(), 24, scales.tolist(), -1), fused)
+    assert_close_report(weight[sel], expected[sel], atol=tol[sel])
+    assert_bit_identical(weight[~sel], before[~sel])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_axis", [-1, 0], ids=["linear", "conv1d"])
+def test_non_contiguous(backend, dtype, head_axis):
+    head_dim, num_heads, d_model = 16, 4, 21
+    shape = (d_model, num_heads * head_dim) if head_axis == -1 else (num_heads * head_dim, d_model)
+    storage = torch.randn(shape[1], shape[0]).to(dtype)
+    weight = storage.t()  # transposed view: the "other" layout
+    other = torch.randn(shape[0], 2 * shape[1]).to(dtype)[:, ::2]  # strided columns
+    storage_before = storage.clone()
+    _run_and_check(weight, other, [1, 3], head_dim, 0.5, head_axis, fused=False)
+    assert weight.data_ptr() == storage.data_ptr()  # edited in place through the view
+    assert not torch.equal(storage, storage_before)
+
+
+def test_large_scale_exact_binary_fraction(backend):
+    """With exact scales (binary fractions) and fp32, the edit equals the float64 formula bit for bit."""
+    weight = torch.randn(33, 4 * 32)
+    delta = torch.randn_like(weight)
+    expected = _oracle(weight, delta, [0, 3], 32, [0.5, 0.5], -1, False)
+    sk.masked_head_update_(weight, delta, [0, 3], head_dim=32, scale=0.5)
+    assert_bit_identical(weight, expected)
+
+
+def test_empty_heads_is_noop(backend):
+    weight = torch.randn(8, 16)
+    before = weight.clone()
+    sk.masked_head_update_(weight, torch.randn(8, 16), [], head_dim=4, scale=2.0)
+    sk.masked_head_steer_(weight, torch.randn(8, 16), torch.tensor([], dtype=torch.long), head_dim=4)
+    assert_bit_identical(weight, before)
+
+
+def test_parameter_with_requires_grad(backend):
+    param = torch.nn.Parameter(torch.randn(8, 16))
+    sk.masked_head_update_(param, torch.ones(8, 16), [1], head_dim=4, scale=1.0)
+    assert param.requires_grad
+
+
+BAD = [
+    (dict(delta=torch.randn(8, 12)), ValueError, "delta has shape"),
+    (dict(delta=torch.randn(8, 16).half()), ValueError, "delta has dtype"),
+    (dict(heads=[4]), ValueError, r"head index 4 out of range \[0, 4\)"),
+    (dict(heads=[-1]), ValueError, "head index -1 out of range"),
+    (dict(heads=[1, 1]), ValueError, "must not repeat"),
+    (dict(heads=[1.0]), ValueError, "heads must hold ints"),
+    (dict(heads=torch.tensor([0.0])), ValueError, "1-D integer tensor"),
+    (dict(head_dim=5), ValueError, "head_dim=5 does not divide"),
+    (dict(head_dim=0), ValueError, "head_dim must be a positive int"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite"),
+    (dict(scale=torch.tensor([1.0, math.inf])), ValueError, "scale must be finite"),
+    (dict(scale=torch.tensor([1.0, 2.0, 3.0])), ValueError, "scale has 3 values but heads has 2"),
+    (dict(head_axis=2), ValueError, "head_axis must be"),
+    (dict(weight=torch.randn(2, 8, 16), delta=torch.randn(2, 8, 16)), ValueError, "weight must be 2-D"),
+    (dict(weight=torch.randn(8, 16).double(), delta=torch.randn(8, 16).double()), ValueError, "weight must have dtype"),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "steer"])
+@pytest.mark.parametrize("bad, exc, match", BAD)
+def test_contract_errors_leave_weight_unchanged(backend, fused, bad, exc, match):
+    args = dict(weight=torch.randn(8, 16), delta=torch.randn(8, 16), heads=[0, 2], head_dim=4, scale=0.5, head_axis=-1)
+    args.update(bad)
+    before = args["weight"].clone()
+    fn = sk.masked_head_steer_ if fused else sk.masked_head_update_
+    other = args.pop("delta")
+    weight = args.pop("weight")
+    if fused:
+        match = match.replace("delta", "harmful")
+    with pytest.raises(exc, match=match):
+        fn(weight, other, **args)
+    assert_bit_identical(weight, before)
+
+
+def test_torch_library_opcheck():
+    w = torch.randn(8, 16)
+    for fused in (False, True):
+        args = (w.clone(), torch.randn(8, 16), torch.tensor([0, 3]), torch.tensor([0.5, 1.0]), 4, 1, fused)
+        torch.library.opcheck(torch.ops.soteria.masked_head_update_.default, args)
+
+
+def test_traceable_by_torch_compile():
+    def steer(w, h):
+        return sk.masked_head_steer_(w, h, [0, 2], head_dim=4, scale=0.5) * 1.0
+
+    w, h = torch.randn(8, 16), torch.randn(8, 16)
+    expected = steer(w.clone(), h)
+    compiled = torch.compile(steer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(w.clone(), h), expected)
