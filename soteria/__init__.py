@@ -37,9 +37,9 @@ def __dir__():
     return sorted(__all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import SoteriaConfig
-    from .export import push_to_hub, save_steered, steer_checkpoint
-    from .harm import HarmVector
-    from .heads import HeadScores, find_heads
-    from .steering import SoteriaPatcher
+if TYPE_CHECKING:  # pragma: no cover - re-exports for type checkers
+    from .config import SoteriaConfig  # noqa: F401
+    from .export import push_to_hub, save_steered, steer_checkpoint  # noqa: F401
+    from .harm import HarmVector  # noqa: F401
+    from .heads import HeadScores, find_heads  # noqa: F401
+    from .steering import SoteriaPatcher  # noqa: F401

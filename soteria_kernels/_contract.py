@@ -77,13 +77,17 @@ def normalize_scale(scale, k: int) -> torch.Tensor:
     """
     if isinstance(scale, torch.Tensor):
         if scale.ndim > 1 or not scale.dtype.is_floating_point:
-            raise ValueError(f"scale must be a number or a 1-D float tensor, got {scale.dtype} of shape {tuple(scale.shape)}")
+            raise ValueError(
+                f"scale must be a number or a 1-D float tensor, got {scale.dtype} of shape {tuple(scale.shape)}"
+            )
         s = scale.detach().to(torch.float32)
         s = s.expand(k) if s.ndim == 0 else s
     else:
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
             values = [float(scale)] * k
-        elif isinstance(scale, Sequence) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale):
+        elif isinstance(scale, Sequence) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in scale
+        ):
             values = [float(x) for x in scale]
         else:
             raise ValueError(f"scale must be a float or a 1-D tensor, got {scale!r}")

@@ -11,7 +11,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -23,7 +23,9 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
-def collapse_rows(shape: tuple[int, ...], *strides: tuple[int, ...]) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
+def collapse_rows(
+    shape: tuple[int, ...], *strides: tuple[int, ...]
+) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
     """Folds the leading (row) dims of several same-shaped views into at most two dims.
 
     ``shape`` is the leading shape (the last, head dim excluded); each entry of ``strides``

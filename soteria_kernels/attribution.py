@@ -35,13 +35,24 @@ if triton is not None:
 
     @triton.jit
     def _head_attribution_kernel(
-        act_ptr, grad_ptr, base_ptr, out_ptr,
-        n_rows, n1, H,
+        act_ptr,
+        grad_ptr,
+        base_ptr,
+        out_ptr,
+        n_rows,
+        n1,
+        H,
         # strides of the (at most two) row dims and of the head dim, per tensor; a
         # broadcast [H*D] baseline has zero row strides
-        s_a0, s_a1, s_ac,
-        s_g0, s_g1, s_gc,
-        s_b0, s_b1, s_bc,
+        s_a0,
+        s_a1,
+        s_ac,
+        s_g0,
+        s_g1,
+        s_gc,
+        s_b0,
+        s_b1,
+        s_bc,
         s_out,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,  # next power of two >= D (head dims 80, 96 are not powers of two)
@@ -135,14 +146,30 @@ def _head_attribution_triton(act, grad, baseline, num_heads: int, sum_rows: bool
         return out
     out = _empty((grid_r if sum_rows else n_rows, num_heads), act.device)
     _head_attribution_kernel[(grid_h, grid_r)](
-        act, grad, baseline if has_base else act, out,
-        n_rows, n1, num_heads,
-        s_a0, s_a1, act.stride(-1),
-        s_g0, s_g1, grad.stride(-1),
-        s_b0, s_b1, s_bc,
+        act,
+        grad,
+        baseline if has_base else act,
+        out,
+        n_rows,
+        n1,
+        num_heads,
+        s_a0,
+        s_a1,
+        act.stride(-1),
+        s_g0,
+        s_g1,
+        grad.stride(-1),
+        s_b0,
+        s_b1,
+        s_bc,
         out.stride(0),
-        D=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_R=block_r,
-        HAS_BASELINE=has_base, BASELINE_ROWS=base_rows, SUM_ROWS=sum_rows,
+        D=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_H=block_h,
+        BLOCK_R=block_r,
+        HAS_BASELINE=has_base,
+        BASELINE_ROWS=base_rows,
+        SUM_ROWS=sum_rows,
         num_warps=4,
     )
     if sum_rows:

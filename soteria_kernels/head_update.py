@@ -54,11 +54,17 @@ if triton is not None:
 
     @triton.jit
     def _masked_head_update_kernel(
-        w_ptr, x_ptr, heads_ptr, scale_ptr,
+        w_ptr,
+        x_ptr,
+        heads_ptr,
+        scale_ptr,
         n_other,
         # strides along the head axis (the H*D one) and the other axis, for weight and
         # delta/harmful; nn.Linear has s_wh == 1, Conv1D s_wo == 1 (Triton specialises 1s)
-        s_wh, s_wo, s_xh, s_xo,
+        s_wh,
+        s_wo,
+        s_xh,
+        s_xo,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,  # next power of two >= D
         BLOCK_O: tl.constexpr,
@@ -93,10 +99,19 @@ def _launch(weight, other, heads, scales, head_dim: int, axis: int, fused: bool)
     block_o = min(next_pow2(n_other), max(1, 4096 // block_d))
     grid = (heads.numel(), triton.cdiv(n_other, block_o))
     _masked_head_update_kernel[grid](
-        weight, other, heads, scales,
+        weight,
+        other,
+        heads,
+        scales,
         n_other,
-        weight.stride(axis), weight.stride(other_axis), other.stride(axis), other.stride(other_axis),
-        D=head_dim, BLOCK_D=block_d, BLOCK_O=block_o, FUSED=fused,
+        weight.stride(axis),
+        weight.stride(other_axis),
+        other.stride(axis),
+        other.stride(other_axis),
+        D=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_O=block_o,
+        FUSED=fused,
         num_warps=4,
     )
 

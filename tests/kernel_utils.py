@@ -16,7 +16,9 @@ def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, *, atol, r
     actual = actual.double()
     expected = expected.double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5].tolist()}"
+    assert torch.isfinite(actual).all(), (
+        f"{what}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5].tolist()}"
+    )
     err = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
     excess = err - bound

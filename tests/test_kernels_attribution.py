@@ -143,8 +143,14 @@ def test_backends_agree():
         (dict(act=torch.randn(2, 8).double(), grad=torch.randn(2, 8).double(), num_heads=2), "act must have dtype"),
         (dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=3), "num_heads=3 does not divide"),
         (dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=0), "num_heads must be a positive int"),
-        (dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=2, baseline=torch.randn(4)), "baseline must have shape"),
-        (dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=2, baseline=torch.randn(8).double()), "baseline must have dtype"),
+        (
+            dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=2, baseline=torch.randn(4)),
+            "baseline must have shape",
+        ),
+        (
+            dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=2, baseline=torch.randn(8).double()),
+            "baseline must have dtype",
+        ),
         (dict(act=torch.randn(2, 8), grad=torch.randn(2, 8), num_heads=2, sum_rows=1), "sum_rows must be a bool"),
         (dict(act=[1.0], grad=torch.randn(1), num_heads=1), "act must be a torch.Tensor"),
     ],
