@@ -16,6 +16,8 @@ so the ``[R, H]`` matrix never reaches memory.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
@@ -115,66 +117,59 @@ def _tile(head_dim: int, num_heads: int, n_rows: int) -> tuple[int, int, int]:
     return block_d, block_h, block_r
 
 
-def _head_attribution_triton(act, grad, baseline, num_heads: int, sum_rows: bool) -> torch.Tensor:
-    lead = tuple(act.shape[:-1])
-    width = act.shape[-1]
-    head_dim = width // num_heads
-    n_rows = 1
-    for n in lead:
-        n_rows *= n
+NUM_WARPS = 4
 
-    tensors = [act, grad] + ([baseline] if baseline is not None and baseline.ndim > 1 else [])
+
+def _plan(act, grad, baseline, num_heads: int, sum_rows: bool, sms: int):
+    """Grid, kernel arguments (all but ``out_ptr``) and output rows for one launch.
+
+    Shared by the launcher and ``benchmarks.kernel_report`` (which compiles exactly this).
+    Returns None when the row dims do not fold into two (the caller copies, then re-plans).
+    """
+    lead = tuple(act.shape[:-1])
+    head_dim = act.shape[-1] // num_heads
+    n_rows = math.prod(lead)
+    base_rows = baseline is not None and baseline.ndim > 1
+    tensors = [act, grad] + ([baseline] if base_rows else [])
     folded = collapse_rows(lead, *[t.stride()[:-1] for t in tensors])
-    if folded is None:  # more than two non-mergeable row dims: rare, copy once
-        act, grad = act.reshape(-1, width), grad.reshape(-1, width)
-        baseline = baseline.reshape(-1, width) if baseline is not None and baseline.ndim > 1 else baseline
-        tensors = [act, grad] + ([baseline] if baseline is not None and baseline.ndim > 1 else [])
-        folded = collapse_rows((n_rows,), *[t.stride()[:-1] for t in tensors])
+    if folded is None:
+        return None
     (_, n1), row_strides = folded
     (s_a0, s_a1), (s_g0, s_g1) = row_strides[0], row_strides[1]
-    has_base = baseline is not None
-    base_rows = has_base and baseline.ndim > 1
     s_b0, s_b1 = row_strides[2] if base_rows else (0, 0)
-    s_bc = baseline.stride(-1) if has_base else 0
 
     block_d, block_h, block_r = _tile(head_dim, num_heads, n_rows)
     grid_h = triton.cdiv(num_heads, block_h)
-    # Persistent over rows: enough programs to fill the device a few times over.
-    grid_r = max(1, min(triton.cdiv(n_rows, block_r), (4 * num_sms(act.device)) // grid_h or 1))
-    if n_rows == 0:
-        out = torch.zeros((num_heads,) if sum_rows else (*lead, num_heads), device=act.device)
-        return out
-    out = _empty((grid_r if sum_rows else n_rows, num_heads), act.device)
-    _head_attribution_kernel[(grid_h, grid_r)](
-        act,
-        grad,
-        baseline if has_base else act,
-        out,
-        n_rows,
-        n1,
-        num_heads,
-        s_a0,
-        s_a1,
-        act.stride(-1),
-        s_g0,
-        s_g1,
-        grad.stride(-1),
-        s_b0,
-        s_b1,
-        s_bc,
-        out.stride(0),
-        D=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_H=block_h,
-        BLOCK_R=block_r,
-        HAS_BASELINE=has_base,
-        BASELINE_ROWS=base_rows,
-        SUM_ROWS=sum_rows,
-        num_warps=4,
-    )
-    if sum_rows:
-        return out.sum(0)
-    return out.view(*lead, num_heads)
+    # Persistent over rows: about four programs per SM, each looping over row blocks.
+    grid_r = max(1, min(triton.cdiv(max(n_rows, 1), block_r), (4 * sms) // grid_h))
+    kwargs = dict(
+        act_ptr=act, grad_ptr=grad, base_ptr=baseline if baseline is not None else act,
+        n_rows=n_rows, n1=n1, H=num_heads,
+        s_a0=s_a0, s_a1=s_a1, s_ac=act.stride(-1),
+        s_g0=s_g0, s_g1=s_g1, s_gc=grad.stride(-1),
+        s_b0=s_b0, s_b1=s_b1, s_bc=baseline.stride(-1) if baseline is not None else 0,
+        s_out=num_heads,
+        D=head_dim, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_R=block_r,
+        HAS_BASELINE=baseline is not None, BASELINE_ROWS=base_rows, SUM_ROWS=sum_rows,
+    )  # fmt: skip
+    return (grid_h, grid_r), kwargs, (grid_r if sum_rows else n_rows)
+
+
+def _head_attribution_triton(act, grad, baseline, num_heads: int, sum_rows: bool) -> torch.Tensor:
+    lead = tuple(act.shape[:-1])
+    if math.prod(lead) == 0:
+        return torch.zeros((num_heads,) if sum_rows else (*lead, num_heads), device=act.device)
+    plan = _plan(act, grad, baseline, num_heads, sum_rows, num_sms(act.device))
+    if plan is None:  # more than two row dims that do not fold: rare, copy once
+        width = act.shape[-1]
+        act, grad = act.reshape(-1, width), grad.reshape(-1, width)
+        if baseline is not None and baseline.ndim > 1:
+            baseline = baseline.reshape(-1, width)
+        plan = _plan(act, grad, baseline, num_heads, sum_rows, num_sms(act.device))
+    grid, kwargs, out_rows = plan
+    out = _empty((out_rows, num_heads), act.device)
+    _head_attribution_kernel[grid](out_ptr=out, **kwargs, num_warps=NUM_WARPS)
+    return out.sum(0) if sum_rows else out.view(*lead, num_heads)
 
 
 @torch.library.custom_op("soteria::head_attribution", mutates_args=())

@@ -92,28 +92,29 @@ if triton is not None:
         tl.store(w_ptr + w_off, new.to(w.dtype), mask=mask)
 
 
-def _launch(weight, other, heads, scales, head_dim: int, axis: int, fused: bool) -> None:
+NUM_WARPS = 4
+
+
+def _plan(weight, other, heads, scales, head_dim: int, axis: int, fused: bool):
+    """Grid and kernel arguments for one launch (shared with ``benchmarks.kernel_report``)."""
     other_axis = 1 - axis
     n_other = weight.shape[other_axis]
     block_d = next_pow2(head_dim)
     block_o = min(next_pow2(n_other), max(1, 4096 // block_d))
     grid = (heads.numel(), triton.cdiv(n_other, block_o))
-    _masked_head_update_kernel[grid](
-        weight,
-        other,
-        heads,
-        scales,
-        n_other,
-        weight.stride(axis),
-        weight.stride(other_axis),
-        other.stride(axis),
-        other.stride(other_axis),
-        D=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_O=block_o,
-        FUSED=fused,
-        num_warps=4,
-    )
+    kwargs = dict(
+        w_ptr=weight, x_ptr=other, heads_ptr=heads, scale_ptr=scales,
+        n_other=n_other,
+        s_wh=weight.stride(axis), s_wo=weight.stride(other_axis),
+        s_xh=other.stride(axis), s_xo=other.stride(other_axis),
+        D=head_dim, BLOCK_D=block_d, BLOCK_O=block_o, FUSED=fused,
+    )  # fmt: skip
+    return grid, kwargs
+
+
+def _launch(weight, other, heads, scales, head_dim: int, axis: int, fused: bool) -> None:
+    grid, kwargs = _plan(weight, other, heads, scales, head_dim, axis, fused)
+    _masked_head_update_kernel[grid](**kwargs, num_warps=NUM_WARPS)
 
 
 @torch.library.custom_op("soteria::masked_head_update_", mutates_args=("weight",))
