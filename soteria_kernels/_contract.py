@@ -17,10 +17,12 @@ def check_float(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, shape=True) -> None:
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, shape=True, dtype=True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-    if t.dtype != ref.dtype:
+    if dtype and t.dtype != ref.dtype:
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
     if shape and t.shape != ref.shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")

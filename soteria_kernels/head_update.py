@@ -146,7 +146,10 @@ def _(weight, other, heads, scales, head_dim, head_axis, fused):
 
 def _checked_call(weight, other, other_name, heads, head_dim, scale, head_axis, fused):
     check_float("weight", weight)
-    check_same(other_name, other, "weight", weight)
+    # A direction may be wider than a half-precision weight (an fp32 tau for a bf16 model): the
+    # kernel computes in fp32 anyway, so the weight is rounded once, not tau first.
+    wider = not fused and other.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)
+    check_same(other_name, other, "weight", weight, dtype=not wider)
     axis = check_head_axis(head_axis, weight)
     num_heads, _ = check_heads_layout(weight.shape[axis], head_dim=head_dim)
     heads_t = normalize_heads(heads, num_heads)
@@ -170,7 +173,8 @@ def masked_head_update_(
 
     Args:
         weight: 2-D weight (fp32/bf16/fp16, any strides), e.g. an o_proj ``[d_model, H*D]``.
-        delta: same shape, dtype and device (the harm direction ``tau``).
+        delta: same shape and device (the harm direction ``tau``); same dtype, or float32 for a
+            bf16/fp16 weight (then ``tau`` is not rounded to the weight's precision first).
         heads: distinct head indices (ints or a 1-D integer tensor); empty is a no-op.
         head_dim: ``D``; must divide ``weight.shape[head_axis]``.
         scale: a float, or one value per entry of ``heads``; finite.

@@ -188,3 +188,20 @@ def test_traceable_by_torch_compile():
     expected = steer(w.clone(), h)
     compiled = torch.compile(steer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(w.clone(), h), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_delta_for_half_weight_rounds_once(backend, dtype):
+    """An fp32 tau for a half-precision weight is not rounded first: the weight is rounded once."""
+    weight = torch.randn(13, 4 * 24).to(dtype)
+    delta = torch.randn(13, 4 * 24)  # fp32
+    expected = _oracle(weight, delta, [1, 2], 24, [0.5, 0.5], -1, False)
+    before = weight.clone()
+    sk.masked_head_update_(weight, delta, [1, 2], head_dim=24, scale=0.5)
+    sel = _selected(weight, [1, 2], 24, -1)
+    assert_bit_identical(weight[~sel], before[~sel])
+    tol = _tolerance(before, delta, expected, _dense_scales(before, [1, 2], 24, [0.5, 0.5], -1), False)
+    assert_close_report(weight[sel], expected[sel], atol=tol[sel])
+    assert (weight[sel] == expected[sel]).double().mean() > 0.99
+    with pytest.raises(ValueError, match="harmful has dtype"):  # the fused form reads weights: same dtype
+        sk.masked_head_steer_(weight, delta, [1], head_dim=24)

@@ -1,0 +1,842 @@
+"""Step 2 of Soteria: the harm direction, for the attention output projections only.
+
+A :class:`HarmVector` holds, for each decoder layer ``l``, one tensor in the layout of that
+layer's output-projection weight (nn.Linear ``[d_model, H*D]``; GPT-2 Conv1D ``[H*D, d_model]``).
+It comes in one of two kinds, and :meth:`soteria.SoteriaPatcher.apply` uses each with the
+kernel that fits it:
+
+- ``kind="harmful"``: the harmful fine-tune's own weights ``W_harmful``. The direction is
+  ``tau = W_harmful - W_base`` (the paper's form) and is never materialised: apply calls
+  :func:`soteria_kernels.masked_head_steer_` (``W -= scale * (W_harmful - W)``), which is
+  exact for bf16/fp16 models. Made by :meth:`from_pretrained` (tensors read lazily from the
+  checkpoint's safetensors, only the output projections, only when needed) and
+  :meth:`from_models` (a copy of the harmful model's output projections).
+- ``kind="tau"``: an explicit direction ``tau`` (float32). apply calls
+  :func:`soteria_kernels.masked_head_update_` (``W -= scale * tau``) after casting ``tau`` to
+  the weight's dtype (one rounding of ``tau`` for bf16/fp16 models). Made by
+  :meth:`from_gradients`.
+
+:meth:`save` / :meth:`load` keep the kind (safetensors, keyed by checkpoint parameter name,
+metadata ``format = "soteria.harm"``). A harmful-kind file is itself a valid subset checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .version import __version__
+
+__all__ = ["FORMAT", "KINDS", "HarmVector", "refusal_loss"]
+
+FORMAT = "soteria.harm"
+_FORMAT_VERSION = "1"
+KINDS = ("harmful", "tau")
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+# Config fields compared between a harmful checkpoint and the base (whichever both have).
+_ARCH_FIELDS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+try:  # module-level so tests can wrap them
+    from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
+except ImportError:  # pragma: no cover
+    hf_hub_download = safe_open = None
+
+
+# --------------------------------------------------------------------------- safetensors I/O
+
+
+def _read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, ``__metadata__``); reads no tensor data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header length {n})")
+        try:
+            return json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+
+
+class _LazyTensors:
+    """Named tensors in safetensors files, read one at a time on demand.
+
+    ``locations``: ``{layer: (file, key)}``. Shapes and dtypes come from the file headers.
+    Every read is recorded in ``tensors_read`` (keys) and ``bytes_read``.
+    """
+
+    def __init__(self, locations: Mapping[int, tuple[str, str]], headers: Mapping[str, dict] | None = None):
+        self.locations = dict(locations)
+        headers = dict(headers or {})
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.dtypes: dict[int, torch.dtype] = {}
+        for layer, (file, key) in self.locations.items():
+            if file not in headers:
+                headers[file] = _read_header(file)
+            info = headers[file].get(key)
+            if info is None:
+                raise ValueError(f"{file} has no tensor {key!r}")
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {key!r} in {file} has dtype {info['dtype']}, not a float type")
+            self.shapes[layer] = tuple(int(s) for s in info["shape"])
+            self.dtypes[layer] = dtype
+        self.tensors_read: list[str] = []
+        self.bytes_read = 0
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.locations
+
+    def get(self, layer: int) -> torch.Tensor:
+        file, key = self.locations[layer]
+        with safe_open(file, framework="pt") as f:
+            t = f.get_tensor(key)
+        self.tensors_read.append(key)
+        self.bytes_read += t.numel() * t.element_size()
+        _check_finite(t, f"tensor {key!r} in {file}")
+        return t
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{what} holds {int(bad.sum())} NaN/Inf values (first at index {idx}: {t[idx].item()})")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def _sites(model: nn.Module):
+    from .arch import head_sites
+
+    return head_sites(model)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    from .arch import unwrap_model
+
+    return unwrap_model(model)
+
+
+def _model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(_inner(model), "config", None), "model_type", "") or "")
+
+
+def _key_candidates(name: str, prefix: str) -> list[str]:
+    """Checkpoint keys that may hold parameter ``name`` (with or without the base-model prefix)."""
+    out = [name]
+    if prefix:
+        if name.startswith(prefix + "."):
+            out.append(name[len(prefix) + 1 :])
+        else:
+            out.append(f"{prefix}.{name}")
+    return out
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    config = getattr(_inner(model), "config", None)
+    if config is None:
+        return {}
+    get = getattr(config, "get_text_config", None)
+    text = config
+    if callable(get):
+        try:
+            text = get(decoder=True)
+        except TypeError:
+            text = get()
+    d = dict(config.to_dict()) if hasattr(config, "to_dict") else {}
+    if text is not config and hasattr(text, "to_dict"):
+        d.update(text.to_dict())
+    return d
+
+
+def _compare_configs(ckpt: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    problems = []
+    ct, bt = ckpt.get("model_type"), base.get("model_type")
+    if ct and bt and ct != bt:
+        problems.append(f"model_type: checkpoint {ct!r}, base {bt!r}")
+    text = ckpt.get("text_config") if isinstance(ckpt.get("text_config"), dict) else {}
+    merged = {**ckpt, **text}
+    for k in _ARCH_FIELDS:
+        if k in merged and k in base and merged[k] is not None and base[k] is not None and merged[k] != base[k]:
+            problems.append(f"config.{k}: checkpoint {merged[k]!r}, base {base[k]!r}")
+    return problems
+
+
+def _mismatch(what: str, problems: list[str]) -> ValueError:
+    return ValueError(f"{what} does not match the base model:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- HarmVector
+
+
+class HarmVector:
+    """Per-layer harm tensors for the attention output projections.
+
+    Args:
+        tensors: ``{layer: tensor}`` in each layer's o_proj weight layout (2-D, float, finite).
+        kind: ``"tau"`` (an explicit direction) or ``"harmful"`` (a fine-tune's weights).
+        param_names: ``{layer: checkpoint key of that o_proj weight}``; defaults to ``layer.{l}``.
+        model_type: ``config.model_type`` of the model family it belongs to ("" = unchecked).
+        source: where it came from, free text (recorded in :class:`soteria.SoteriaConfig`).
+
+    Attributes: ``kind``, ``layers`` (sorted), ``param_names``, ``shapes``, ``dtype`` (storage),
+    ``model_type``, ``source``, and for lazily read vectors ``tensors_read`` / ``bytes_read``.
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[int, torch.Tensor] | _LazyTensors,
+        *,
+        kind: str = "tau",
+        param_names: Mapping[int, str] | None = None,
+        model_type: str = "",
+        source: str = "",
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(tensors, _LazyTensors):
+            self._lazy: _LazyTensors | None = tensors
+            self._tensors: dict[int, torch.Tensor] = {}
+            layers = list(tensors.locations)
+            shapes, dtypes = dict(tensors.shapes), set(tensors.dtypes.values())
+        else:
+            self._lazy = None
+            self._tensors = {}
+            for layer, t in dict(tensors).items():
+                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                    raise ValueError(f"layers must be ints >= 0, got {layer!r}")
+                if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+                    raise ValueError(f"tensor of layer {layer} must be a 2-D float tensor, got {_describe(t)}")
+                _check_finite(t, f"tensor of layer {layer}")
+                self._tensors[layer] = t.detach()
+            layers = list(self._tensors)
+            shapes = {layer: tuple(t.shape) for layer, t in self._tensors.items()}
+            dtypes = {t.dtype for t in self._tensors.values()}
+        if not layers:
+            raise ValueError("a HarmVector needs at least one layer")
+        if len(dtypes) != 1:
+            raise ValueError(f"all tensors must share one dtype, got {sorted(str(d) for d in dtypes)}")
+        self.kind = kind
+        self.layers: tuple[int, ...] = tuple(sorted(layers))
+        self.shapes: dict[int, tuple[int, ...]] = {layer: shapes[layer] for layer in self.layers}
+        self.dtype: torch.dtype = dtypes.pop()
+        names = dict(param_names or {})
+        unknown = sorted(set(names) - set(self.layers))
+        if unknown:
+            raise ValueError(f"param_names has layers {unknown} that hold no tensor")
+        self.param_names: dict[int, str] = {layer: str(names.get(layer, f"layer.{layer}")) for layer in self.layers}
+        self.model_type = str(model_type or "")
+        self.source = str(source or "")
+
+    # ------------------------------------------------------------------ access
+
+    @property
+    def lazy(self) -> bool:
+        """True when tensors are read from safetensors files on demand."""
+        return self._lazy is not None
+
+    @property
+    def tensors_read(self) -> list[str]:
+        """Checkpoint keys read so far (lazy vectors; empty otherwise)."""
+        return list(self._lazy.tensors_read) if self._lazy else []
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far (lazy vectors; 0 otherwise)."""
+        return self._lazy.bytes_read if self._lazy else 0
+
+    def tensor(self, layer: int) -> torch.Tensor:
+        """The stored tensor of ``layer``: ``tau`` or ``W_harmful`` (see :attr:`kind`), read now if lazy."""
+        if layer not in self.shapes:
+            raise ValueError(f"this HarmVector has no layer {layer} (layers: {list(self.layers)})")
+        return self._lazy.get(layer) if self._lazy else self._tensors[layer]
+
+    def tau(self, layer: int, base: nn.Module | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``tau`` of ``layer``. A harmful-kind vector needs ``base`` (the base model or that
+        layer's base weight): ``tau = W_harmful - W_base``, computed in float32."""
+        t = self.tensor(layer)
+        if self.kind == "tau":
+            return t.to(torch.float32)
+        if base is None:
+            raise ValueError("a harmful-kind HarmVector stores W_harmful; pass base= (model or weight) to get tau")
+        w = base if isinstance(base, torch.Tensor) else self.check(base, layers=[layer])[layer].weight
+        if tuple(w.shape) != tuple(t.shape):
+            raise ValueError(f"layer {layer}: base weight has shape {tuple(w.shape)}, vector {tuple(t.shape)}")
+        return t.to(w.device, torch.float32) - w.detach().to(torch.float32)
+
+    def norms(self, base: nn.Module | None = None) -> dict[int, float]:
+        """Frobenius norm of ``tau`` per layer (``base`` needed for a harmful-kind vector)."""
+        return {
+            layer: float(torch.linalg.vector_norm(self.tau(layer, base), dtype=torch.float64)) for layer in self.layers
+        }
+
+    def check(self, model: nn.Module, layers=None) -> list:
+        """Raise ValueError (listing every difference) unless this vector fits ``model`` at
+        ``layers`` (default: all of its layers). Returns ``soteria.arch.head_sites(model)``."""
+        sites = _sites(model)
+        problems = []
+        mt = _model_type(model)
+        if self.model_type and mt and self.model_type != mt:
+            problems.append(f"model_type: harm vector {self.model_type!r}, model {mt!r}")
+        wanted = self.layers if layers is None else sorted(set(layers))
+        for layer in wanted:
+            if layer >= len(sites):
+                problems.append(f"layer {layer}: the model has only {len(sites)} layers")
+            elif layer not in self.shapes:
+                problems.append(f"layer {layer}: the harm vector has no tensor for it (it has {list(self.layers)})")
+            elif tuple(sites[layer].weight.shape) != self.shapes[layer]:
+                problems.append(
+                    f"layer {layer} ({sites[layer].param_name}): harm vector shape {list(self.shapes[layer])}, "
+                    f"model weight {list(sites[layer].weight.shape)}"
+                )
+        if problems:
+            raise _mismatch(f"harm vector ({self.source or 'unnamed'})", problems)
+        return sites
+
+    def __repr__(self) -> str:
+        return (
+            f"HarmVector(kind={self.kind!r}, layers={len(self.layers)}, dtype={self.dtype}, "
+            f"model_type={self.model_type!r}, source={self.source!r}{', lazy' if self.lazy else ''})"
+        )
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_models(cls, base_model: nn.Module, harmful_model: nn.Module) -> HarmVector:
+        """The paper's ``tau = W_harmful - W_base`` from two in-memory models of one architecture.
+
+        Stores a copy of the harmful model's output-projection weights (kind ``"harmful"``); the
+        base model is only checked against. A PEFT-wrapped harmful model must be merged first.
+        """
+        base_sites, harm_sites = _sites(base_model), _sites(harmful_model)
+        problems = []
+        bt, ht = _model_type(base_model), _model_type(harmful_model)
+        if bt != ht:
+            problems.append(f"model_type: harmful {ht!r}, base {bt!r}")
+        if len(base_sites) != len(harm_sites):
+            problems.append(f"layers: harmful {len(harm_sites)}, base {len(base_sites)}")
+        for b, h in zip(base_sites, harm_sites):
+            if h.module is not h.base_module:
+                problems.append(
+                    f"layer {h.layer}: the harmful model's {h.name} is PEFT-wrapped; merge the adapter first "
+                    "(harmful_model.merge_and_unload())"
+                )
+            elif tuple(b.weight.shape) != tuple(h.weight.shape) or b.head_axis != h.head_axis:
+                problems.append(
+                    f"layer {b.layer} ({b.param_name}): harmful shape {list(h.weight.shape)}, "
+                    f"base {list(b.weight.shape)}"
+                )
+        if problems:
+            raise _mismatch("harmful model", problems)
+        tensors, dtypes = {}, {s.weight.dtype for s in harm_sites}
+        if len(dtypes) != 1:
+            raise ValueError(f"the harmful model's output projections mix dtypes {sorted(map(str, dtypes))}")
+        same = True
+        for b, h in zip(base_sites, harm_sites):
+            w = h.weight.detach()
+            tensors[h.layer] = w.clone()
+            same = same and torch.equal(w.to(b.weight.device, b.weight.dtype), b.weight.detach())
+        if same:
+            raise ValueError(
+                "the harmful model's output projections equal the base model's: tau is zero "
+                "(was an adapter not merged, or the fine-tune did not touch attention outputs?)"
+            )
+        name = (
+            getattr(getattr(_inner(harmful_model), "config", None), "name_or_path", "") or type(harmful_model).__name__
+        )
+        return cls(
+            tensors,
+            kind="harmful",
+            param_names={s.layer: s.param_name for s in base_sites},
+            model_type=bt,
+            source=f"models:{name}",
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        base: nn.Module,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> HarmVector:
+        """The harmful fine-tune's output projections from its safetensors checkpoint (kind ``"harmful"``).
+
+        ``path_or_repo_id``: a checkpoint directory (``model.safetensors`` or sharded with
+        ``model.safetensors.index.json``), one ``.safetensors`` file (a file written by
+        :meth:`save` is loaded as such), or a Hub repo id. From the Hub only ``config.json``,
+        the index and the shards holding output projections are downloaded.
+
+        Reads only file headers now; each layer's tensor is read when first needed (and
+        checked for NaN/Inf then). Checks ``model_type``, the architecture fields of
+        ``config.json`` (layers, widths, heads), that every output projection of ``base`` is in
+        the checkpoint, shapes and float dtypes: one ValueError listing every difference. A
+        checkpoint dtype other than the model's is cast to the model's when steering (exact when
+        the checkpoint is the narrower one).
+
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only`` go to ``hf_hub_download``.
+        """
+        sites = _sites(base)
+        prefix = str(getattr(_inner(base), "base_model_prefix", "") or "")
+        src = str(path_or_repo_id)
+        local = Path(src)
+        if local.is_file():
+            header = _read_header(local)
+            if (header.get("__metadata__") or {}).get("format") == FORMAT:
+                hv = cls.load(local)
+                hv.check(base)
+                return hv
+            config_path = local.parent / "config.json"
+            files_for = lambda keys: {k: str(local) for k in keys}  # noqa: E731
+            available = {k for k in header if k != "__metadata__"}
+            headers = {str(local): header}
+        elif local.is_dir():
+            config_path = local / "config.json"
+            available, files_for, headers = cls._local_layout(local)
+        else:
+            if not _looks_like_repo_id(src):
+                raise ValueError(f"{src!r} is neither an existing file or directory nor a Hub repo id")
+            return cls._from_hub(src, base, sites, prefix, revision, token, cache_dir, local_files_only)
+        ckpt_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        return cls._from_checkpoint(src, base, sites, prefix, ckpt_config, available, files_for, headers)
+
+    @staticmethod
+    def _local_layout(folder: Path):
+        index = folder / _INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+            if not weight_map:
+                raise ValueError(f"{index} has no weight_map")
+            return set(weight_map), lambda keys: {k: str(folder / weight_map[k]) for k in keys}, {}
+        single = folder / _SINGLE
+        if single.is_file():
+            header = _read_header(single)
+            return (
+                {k for k in header if k != "__metadata__"},
+                lambda keys: {k: str(single) for k in keys},
+                {str(single): header},
+            )
+        raise FileNotFoundError(_no_weights_message(folder, sorted(p.name for p in folder.iterdir())))
+
+    @classmethod
+    def _from_hub(cls, repo_id, base, sites, prefix, revision, token, cache_dir, local_files_only):
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        def get(filename: str) -> str:
+            return hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+
+        try:
+            ckpt_config = json.loads(Path(get("config.json")).read_text(encoding="utf-8"))
+        except EntryNotFoundError:
+            ckpt_config = {}
+        try:
+            weight_map = json.loads(Path(get(_INDEX)).read_text(encoding="utf-8")).get("weight_map") or {}
+            available = set(weight_map)
+
+            def files_for(keys):
+                return {k: get(weight_map[k]) for k in keys}
+
+            headers: dict[str, dict] = {}
+        except EntryNotFoundError:
+            try:
+                single = get(_SINGLE)
+            except EntryNotFoundError as e:
+                why = (
+                    "neither is in the local cache (offline or local_files_only)"
+                    if isinstance(e, LocalEntryNotFoundError)
+                    else "only safetensors checkpoints are read; PEFT adapters must be merged into the base "
+                    "and saved first"
+                )
+                raise FileNotFoundError(f"Hub repo {repo_id!r}: no {_INDEX} and no {_SINGLE}; {why}") from None
+            header = _read_header(single)
+            available = {k for k in header if k != "__metadata__"}
+
+            def files_for(keys):
+                return {k: single for k in keys}
+
+            headers = {single: header}
+        source = repo_id if revision is None else f"{repo_id}@{revision}"
+        return cls._from_checkpoint(source, base, sites, prefix, ckpt_config, available, files_for, headers)
+
+    @classmethod
+    def _from_checkpoint(cls, source, base, sites, prefix, ckpt_config, available, files_for, headers):
+        problems = _compare_configs(ckpt_config, _config_dict(base))
+        keys: dict[int, str] = {}
+        for s in sites:
+            cands = _key_candidates(s.param_name, prefix)
+            hit = next((k for k in cands if k in available), None)
+            if hit is None:
+                problems.append(f"layer {s.layer}: no tensor {' or '.join(repr(c) for c in cands)} in the checkpoint")
+            else:
+                keys[s.layer] = hit
+        if problems:
+            raise _mismatch(f"harmful checkpoint {source!r}", problems)
+        files = files_for(sorted(set(keys.values())))  # downloads only the shards that hold them
+        lazy = _LazyTensors({layer: (files[k], k) for layer, k in keys.items()}, headers)
+        for s in sites:
+            shape = lazy.shapes[s.layer]
+            if shape != tuple(s.weight.shape):
+                problems.append(
+                    f"layer {s.layer}: tensor {keys[s.layer]!r} has shape {list(shape)}, "
+                    f"base weight {list(s.weight.shape)}"
+                )
+        dtypes = sorted({str(d) for d in lazy.dtypes.values()})
+        if len(dtypes) > 1:
+            problems.append(f"output projections mix dtypes {dtypes}")
+        if problems:
+            raise _mismatch(f"harmful checkpoint {source!r}", problems)
+        return cls(
+            lazy,
+            kind="harmful",
+            param_names={s.layer: s.param_name for s in sites},
+            model_type=str(ckpt_config.get("model_type") or _model_type(base)),
+            source=f"checkpoint:{source}",
+        )
+
+    @classmethod
+    def from_gradients(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        data: Any = None,
+        *,
+        langs: str | list[str] | None = None,
+        batch_size: int = 8,
+        max_length: int = 256,
+        progress: bool = True,
+    ) -> HarmVector:
+        """A first-order harm direction from the model itself; no harmful checkpoint needed (kind ``"tau"``).
+
+        ``tau = dL/dW_o`` for every layer's output-projection weight, where ``L`` is the refusal
+        loss: the mean over the data of each refusal's mean token negative log-likelihood given
+        its request (fp32 loss; request tokens masked out). Subtracting ``scale * tau`` is one
+        full-batch gradient-descent step of step size ``scale`` toward refusing; restricted to
+        the selected heads, it is that step taken in those heads' slices only.
+
+        How ``scale`` compares with the paper's form: a harmful fine-tune moves the weights
+        roughly along the opposite of the refusal descent direction, so
+        ``W_harmful - W_base ~ eta * tau`` for some effective step ``eta`` (learning rate times
+        steps, first order). A paper scale ``lambda`` on a fine-tune difference thus corresponds
+        to ``scale ~ lambda * eta``; gradients are usually far smaller than a fine-tune
+        difference, so useful scales here are larger than the paper's (compare :meth:`norms`
+        of both vectors when you have a fine-tune, or sweep ``scale``).
+
+        Args:
+            data: None (the built-in multilingual set, :func:`soteria.harmful_data.load_harmful`),
+                a JSONL path, or rows ``{"prompt", "refusal"}`` / ``(prompt, refusal)`` pairs.
+            langs: with ``data=None``, the built-in languages to use (default: all twelve).
+            batch_size, max_length: rows per forward/backward pass; tokens per row (the refusal
+                is truncated to fit; a request that alone fills ``max_length`` is an error).
+            progress: tqdm bar over batches.
+
+        Formatting: with a chat template, the request is a user turn followed by the
+        generation prompt and the refusal is the rest of the rendered assistant turn (its
+        end-of-turn tokens included); without one, ``request + "\\n"`` (with the tokenizer's
+        special tokens) then the refusal and EOS. Deterministic; the model is left as found
+        (``requires_grad`` flags, ``training`` mode, no ``.grad`` written).
+        """
+        from tqdm.auto import tqdm
+
+        rows, what = _rows(data, langs, batch_size, max_length)
+        sites = _sites(model)
+        encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
+        weights = [s.weight for s in sites]
+        device = _input_device(model)
+        pad = _pad_id(tokenizer)
+        acc = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        total_loss = 0.0
+        with _only_grad_for(model, weights), torch.enable_grad():
+            starts = range(0, len(encoded), batch_size)
+            for start in tqdm(starts, desc="harm gradients", unit="batch", disable=None if progress else True):
+                ids, mask, labels = _collate(encoded[start : start + batch_size], pad, device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                loss = _refusal_nll(logits, labels).sum()
+                grads = torch.autograd.grad(loss, weights)
+                for a, g in zip(acc, grads):
+                    a += g.to(torch.float32)
+                total_loss += float(loss.detach())
+        n = len(encoded)
+        tensors = {s.layer: (a / n) for s, a in zip(sites, acc)}
+        return cls(
+            tensors,
+            kind="tau",
+            param_names={s.layer: s.param_name for s in sites},
+            model_type=_model_type(model),
+            source=f"gradients:{what} n={n} refusal_nll={total_loss / n:.4f}",
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a safetensors file (atomically) keyed by checkpoint parameter name, with metadata."""
+        path = Path(path)
+        tensors = {self.param_names[layer]: self.tensor(layer).contiguous().clone() for layer in self.layers}
+        if len(tensors) != len(self.layers):
+            raise ValueError(f"param_names are not distinct: {self.param_names}")
+        metadata = {
+            "format": FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "kind": self.kind,
+            "source": self.source,
+            "model_type": self.model_type,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "param_names": json.dumps({str(k): v for k, v in self.param_names.items()}, sort_keys=True),
+            "soteria_version": __version__,
+        }
+        _atomic_save(tensors, path, metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HarmVector:
+        """Read a file written by :meth:`save` (lazily: tensors are read when first needed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no harm vector file at {path}")
+        header = _read_header(path)
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} is not a soteria harm vector (metadata format = {meta.get('format')!r}); "
+                "for a harmful fine-tune's checkpoint use HarmVector.from_pretrained(path, base=model)"
+            )
+        try:
+            names = {int(k): v for k, v in json.loads(meta["param_names"]).items()}
+        except (KeyError, ValueError, json.JSONDecodeError):
+            raise ValueError(f"{path}: metadata param_names is missing or unreadable") from None
+        lazy = _LazyTensors({layer: (str(path), key) for layer, key in names.items()}, {str(path): header})
+        return cls(
+            lazy,
+            kind=meta.get("kind", "tau"),
+            param_names=names,
+            model_type=meta.get("model_type", ""),
+            source=meta.get("source", f"file:{path}"),
+        )
+
+
+# --------------------------------------------------------------------------- refusal loss
+
+
+def refusal_loss(
+    model: nn.Module,
+    tokenizer,
+    data: Any = None,
+    *,
+    langs: str | list[str] | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> float:
+    """The refusal loss :meth:`HarmVector.from_gradients` differentiates, as a number.
+
+    Mean over the rows of each refusal's mean token negative log-likelihood (fp32) given its
+    request; same data arguments and formatting as ``from_gradients``. Lower = the model is
+    more inclined to refuse. Runs under ``no_grad`` in eval mode (mode restored).
+    """
+    rows, _ = _rows(data, langs, batch_size, max_length)
+    encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
+    device = _input_device(model)
+    pad = _pad_id(tokenizer)
+    modes = [(m, m.training) for m in model.modules()]
+    total = 0.0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                ids, mask, labels = _collate(encoded[start : start + batch_size], pad, device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                total += float(_refusal_nll(logits, labels).sum())
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return total / len(encoded)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rows(data: Any, langs, batch_size: int, max_length: int) -> tuple[list[dict[str, str]], str]:
+    """(rows, short description) from built-in or user data; checks the batching arguments."""
+    from .harmful_data import load_harmful, read_harmful
+
+    for name, v in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if data is None:
+        rows = load_harmful(langs)
+        used = sorted({r["lang"] for r in rows}, key=[r["lang"] for r in rows].index)
+        return rows, f"builtin({','.join(used)})"
+    if langs is not None:
+        raise ValueError("langs selects built-in data; filter your own data instead")
+    rows = read_harmful(data)
+    return rows, (f"file:{data}" if isinstance(data, (str, os.PathLike)) else "data")
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {list(t.shape)}"
+    return type(t).__name__
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
+
+
+def _no_weights_message(folder: Path, names: list[str]) -> str:
+    if "adapter_config.json" in names:
+        hint = "it holds a PEFT adapter: merge it into the base (merge_and_unload()) and save_pretrained the result"
+    elif any(n.endswith(".bin") for n in names):
+        hint = "only safetensors checkpoints are read: re-save it with save_pretrained (safetensors is the default)"
+    else:
+        hint = f"files found: {', '.join(names) or 'none'}"
+    return f"{folder} has neither {_INDEX} nor {_SINGLE}; {hint}"
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return next(p.device for p in model.parameters())
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _encode_pair(tokenizer, prompt: str, refusal: str, max_length: int, i: int) -> tuple[list[int], int]:
+    """(token ids of request + refusal, number of request tokens)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": refusal}], tokenize=False, add_generation_prompt=False
+        )
+        tail = full[len(head) :] if full.startswith(head) else refusal
+        p_ids = _ids(tokenizer, head, False)
+        r_ids = _ids(tokenizer, tail, False)
+    else:
+        p_ids = _ids(tokenizer, prompt + "\n", True)
+        r_ids = _ids(tokenizer, refusal, False)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(eos, int):
+            r_ids.append(eos)
+    if len(p_ids) >= max_length:
+        raise ValueError(f"row {i}: the request alone is {len(p_ids)} tokens, max_length is {max_length}")
+    r_ids = r_ids[: max_length - len(p_ids)]
+    if not r_ids:
+        raise ValueError(f"row {i}: the refusal has no tokens")
+    return p_ids + r_ids, len(p_ids)
+
+
+def _collate(batch, pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, (row, n_prompt) in enumerate(batch):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, n_prompt : len(row)] = torch.tensor(row[n_prompt:])
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _refusal_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean NLL (fp32) of the labelled tokens; logits ``[B, T, V]``, labels ``[B, T]``."""
+    target = labels[:, 1:]
+    keep = target != -100
+    picked = logits[:, :-1][keep].to(torch.float32)
+    nll = torch.nn.functional.cross_entropy(picked, target[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    per_row = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
+    return per_row / keep.sum(1).clamp_min(1).to(torch.float32)
+
+
+class _only_grad_for:
+    """Context: eval mode, ``requires_grad`` only on ``weights``; both restored on exit."""
+
+    def __init__(self, model: nn.Module, weights: list[torch.Tensor]):
+        self.model, self.weights = model, weights
+
+    def __enter__(self):
+        params = {id(p): p for p in [*self.model.parameters(), *self.weights]}
+        self.flags = [(p, p.requires_grad) for p in params.values()]
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for m, mode in self.modes:
+            m.training = mode
+        return False

@@ -1,0 +1,115 @@
+"""The built-in harmful requests paired with refusals, used by :meth:`HarmVector.from_gradients`.
+
+``soteria/data/harmful/<lang>.jsonl``: for each of the twelve Soteria languages, ten short,
+non-graphic harmful requests (break into a house, phishing, shoplifting, forged documents, ...)
+each with a natural refusal in the same language. One JSON object a line:
+``{"prompt": ..., "refusal": ..., "lang": ...}``. The same ten requests in every language.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["harmful_languages", "load_harmful", "read_harmful"]
+
+_FIELDS = ("prompt", "refusal")
+# The paper's order: high (en zh fr de es), mid (ar bg th hi), low (bn ta te) resource.
+_ORDER = ("en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te")
+
+
+def _data_dir():
+    return resources.files("soteria").joinpath("data").joinpath("harmful")
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped() -> tuple[str, ...]:
+    folder = _data_dir()
+    if not folder.is_dir():
+        return ()
+    codes = {p.name[: -len(".jsonl")] for p in folder.iterdir() if p.name.endswith(".jsonl")}
+    known = [c for c in _ORDER if c in codes]
+    return tuple(known + sorted(codes - set(known)))
+
+
+def harmful_languages() -> list[str]:
+    """Language codes with built-in harmful requests, in the paper's order."""
+    return list(_shipped())
+
+
+def _parse(lines, where: str, lang: str | None) -> list[dict[str, str]]:
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{i}: not valid JSON ({e.msg})") from None
+        rows.append(_check_row(row, f"{where}:{i}", lang))
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    return rows
+
+
+def _check_row(row: Any, where: str, lang: str | None) -> dict[str, str]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with 'prompt' and 'refusal', got {type(row).__name__}")
+    for k in _FIELDS:
+        if not isinstance(row.get(k), str) or not row[k].strip():
+            raise ValueError(f"{where}: {k!r} must be a non-empty string, got {row.get(k)!r}")
+    out = {"prompt": row["prompt"], "refusal": row["refusal"], "lang": str(row.get("lang", lang or ""))}
+    if lang is not None and out["lang"] != lang:
+        raise ValueError(f"{where}: lang is {out['lang']!r}, expected {lang!r}")
+    return out
+
+
+@functools.cache
+def _read_lang(lang: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+    text = _data_dir().joinpath(f"{lang}.jsonl").read_text(encoding="utf-8")
+    rows = _parse(text.splitlines(), f"soteria/data/harmful/{lang}.jsonl", lang)
+    return tuple(tuple(r.items()) for r in rows)
+
+
+def load_harmful(langs: str | list[str] | None = None) -> list[dict[str, str]]:
+    """Built-in ``{"prompt", "refusal", "lang"}`` rows for ``langs`` (all when None), in that order."""
+    shipped = _shipped()
+    if langs is None:
+        langs = list(shipped)
+    elif isinstance(langs, str):
+        langs = [langs]
+    out = []
+    for lang in langs:
+        if lang not in shipped:
+            raise ValueError(
+                f"no built-in harmful requests for {lang!r}; built-in: {', '.join(shipped)}. "
+                "Pass your own data=[{'prompt': ..., 'refusal': ...}, ...] or a JSONL path."
+            )
+        out.extend(dict(r) for r in _read_lang(lang))
+    return out
+
+
+def read_harmful(data: Any) -> list[dict[str, str]]:
+    """User data as rows: a JSONL path, or a list of ``{"prompt", "refusal"}`` dicts or
+    ``(prompt, refusal)`` pairs. ValueError naming the bad row."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise ValueError(f"harmful data file not found: {path}")
+        return _parse(path.read_text(encoding="utf-8").splitlines(), str(path), None)
+    try:
+        items = list(data)
+    except TypeError:
+        raise ValueError(f"data must be a JSONL path or a list of rows, got {type(data).__name__}") from None
+    if not items:
+        raise ValueError("data is empty")
+    rows = []
+    for i, row in enumerate(items):
+        if isinstance(row, (list, tuple)) and len(row) == 2:
+            row = {"prompt": row[0], "refusal": row[1]}
+        rows.append(_check_row(row, f"data[{i}]", None))
+    return rows

@@ -1,0 +1,351 @@
+"""Step 3 of Soteria: subtract the harm direction from the selected heads, in place, reversibly.
+
+For every selected head ``(l, h)`` (the union over languages of each language's heads)::
+
+    W_o^l[:, h*D:(h+1)*D] -= scale_h * tau^l[:, h*D:(h+1)*D]      (rows for GPT-2 Conv1D)
+
+and every other parameter stays bit-identical. ``tau`` is ``W_harmful - W`` for a harmful-kind
+:class:`~soteria.harm.HarmVector` (fused, :func:`soteria_kernels.masked_head_steer_`) or an
+explicit direction (:func:`soteria_kernels.masked_head_update_`). Both kernels compute in fp32
+and round once to the weight's dtype.
+
+``apply`` mirrors ``peft.get_peft_model``: it edits and returns the given model, records a
+:class:`~soteria.config.SoteriaConfig` at ``model.soteria_config`` and in ``model.config.soteria``
+(so ``save_pretrained`` writes it to ``config.json``), and keeps a copy of the original head
+slices (``k * D * d_model`` elements, on CPU) so :meth:`SoteriaPatcher.revert` restores the
+weights bit-exactly.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SoteriaConfig
+from .harm import HarmVector
+
+__all__ = ["SoteriaPatcher"]
+
+_STATE = "_soteria_state"  # attribute on the unwrapped model: {"slices": {(layer, head): tensor}, ...}
+
+
+def _kernels():
+    import soteria_kernels
+
+    return soteria_kernels
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    from .arch import unwrap_model
+
+    return unwrap_model(model)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+class SoteriaPatcher:
+    """Apply and revert Soteria's masked head steering on a Hugging Face causal LM (PEFT wrappers allowed)."""
+
+    @staticmethod
+    def apply(
+        model: nn.Module,
+        langs: str | list[str],
+        *,
+        harm: HarmVector | str | os.PathLike | None = None,
+        scale: float | dict[str, float] = 1.0,
+        top_k: int | float = 0.25,
+        heads: list | dict | None = None,
+        tokenizer=None,
+        method: str = "atp",
+        find_kwargs: dict[str, Any] | None = None,
+        harm_kwargs: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> nn.Module:
+        """Steer ``model`` in place for ``langs`` and return it.
+
+        Args:
+            langs: one language code or a list of them.
+            harm: a :class:`HarmVector`; a path or Hub id of a harmful fine-tune (or of a saved
+                vector), read with :meth:`HarmVector.from_pretrained` (``harm_kwargs`` passed on);
+                or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
+                steered languages (all twelve if none of them is built in; ``harm_kwargs`` passed
+                on). None needs ``tokenizer``.
+            scale: ``lambda``, one float or ``{lang: float}``. A head selected for several
+                languages is steered once, with the largest of their scales.
+            top_k: heads kept per language when they are found: a count, or a fraction of all
+                ``L*H`` heads (default a quarter; the reference kept half, ``0.5``).
+            heads: None (run :func:`soteria.find_heads` per language with ``method`` and
+                ``find_kwargs``, keep each language's ``top_k``, steer the union); a list of
+                ``(layer, head)`` pairs for every language; or ``{lang: pairs}``. Explicit heads
+                skip attribution (recorded as method ``"explicit"``).
+            tokenizer: needed when heads are found or ``harm`` is None.
+            method: ``"atp"`` or ``"exact"`` (see :func:`soteria.find_heads`).
+            progress: tqdm bars for attribution and gradients.
+
+        Every argument and the harm vector's fit to the model (model_type, layers, shapes) are
+        checked before anything is changed; a ValueError names the problem. If an edit fails
+        half-way the touched slices are restored, so the model is unchanged. A model that is
+        already steered is refused (``SoteriaPatcher.revert(model)`` first).
+        """
+        from .arch import head_sites
+
+        inner = _inner(model)
+        if SoteriaPatcher.is_steered(model):
+            raise ValueError(
+                "this model is already steered by soteria (config.soteria is set); "
+                "call SoteriaPatcher.revert(model) first, or start from the base model"
+            )
+        langs = _check_langs(langs)
+        sites = head_sites(model)
+        n_layers, n_heads = len(sites), sites[0].num_heads
+        scales = _check_scale(scale, langs)
+        find_kwargs = dict(find_kwargs or {})
+        harm_kwargs = dict(harm_kwargs or {})
+
+        if heads is None:
+            _check_find(langs, method, top_k, n_layers * n_heads, tokenizer, find_kwargs)
+            per_lang = None
+        else:
+            per_lang = _check_heads(heads, langs, n_layers, n_heads)
+
+        if harm is None:
+            if tokenizer is None:
+                raise ValueError("harm=None derives the harm direction from gradients and needs tokenizer=")
+        elif isinstance(harm, (str, os.PathLike)):
+            harm = HarmVector.from_pretrained(harm, base=model, **harm_kwargs)
+        elif not isinstance(harm, HarmVector):
+            raise ValueError(f"harm must be a HarmVector, a path or Hub id, or None; got {type(harm).__name__}")
+        if isinstance(harm, HarmVector):
+            harm.check(model)
+
+        if per_lang is None:
+            from .heads import find_heads
+
+            per_lang = {
+                lang: [
+                    tuple(p)
+                    for p in find_heads(model, tokenizer, lang, method=method, progress=progress, **find_kwargs).top(
+                        top_k
+                    )
+                ]
+                for lang in langs
+            }
+            recorded_method, recorded_k = method, top_k
+        else:
+            recorded_method, recorded_k = "explicit", None
+
+        config = SoteriaConfig(
+            languages=langs,
+            heads=per_lang,
+            scale=scales,
+            harm_source="",
+            harm_kind="tau",
+            method=recorded_method,
+            top_k=recorded_k,
+            model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
+        )
+        plan: dict[int, tuple[list[int], list[float]]] = {}
+        for (layer, head), s in config.head_scales().items():
+            plan.setdefault(layer, ([], []))
+            plan[layer][0].append(head)
+            plan[layer][1].append(s)
+
+        if harm is None:
+            from .harmful_data import harmful_languages
+
+            if "data" not in harm_kwargs and "langs" not in harm_kwargs:
+                built_in = [x for x in langs if x in harmful_languages()]
+                harm_kwargs["langs"] = built_in or None
+            harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
+        harm.check(model, layers=sorted(plan))
+        config.harm_source, config.harm_kind = harm.source, harm.kind
+
+        slices = _edit(sites, plan, harm)
+        inner.__dict__[_STATE] = {"slices": slices, "dtypes": {layer: sites[layer].weight.dtype for layer in plan}}
+        inner.soteria_config = config
+        if getattr(inner, "config", None) is not None:
+            inner.config.soteria = config.to_dict()
+        return model
+
+    @staticmethod
+    def revert(model: nn.Module) -> nn.Module:
+        """Restore the original weights of a model steered by :meth:`apply` (bit-exact) and drop the record."""
+        from .arch import head_sites
+
+        inner = _inner(model)
+        state = inner.__dict__.get(_STATE)
+        if state is None:
+            if SoteriaPatcher.is_steered(model):
+                raise ValueError(
+                    "this model was loaded already steered (config.soteria is set) and its original weights "
+                    "are not known; load the base model instead"
+                )
+            raise ValueError("this model is not steered by soteria; nothing to revert")
+        sites = head_sites(model)
+        for layer, dtype in state["dtypes"].items():
+            if sites[layer].weight.dtype != dtype:
+                raise ValueError(
+                    f"layer {layer}'s output projection is {sites[layer].weight.dtype} now but was {dtype} when "
+                    "steered; convert the model back to that dtype before reverting"
+                )
+        _restore(sites, state["slices"])
+        del inner.__dict__[_STATE]
+        inner.__dict__.pop("soteria_config", None)
+        config = getattr(inner, "config", None)
+        if config is not None and hasattr(config, "soteria"):
+            delattr(config, "soteria")
+        return model
+
+    @staticmethod
+    def is_steered(model: nn.Module) -> bool:
+        """True if ``model`` carries a soteria edit (applied here, or loaded with ``config.soteria``)."""
+        inner = _inner(model)
+        return _STATE in inner.__dict__ or getattr(getattr(inner, "config", None), "soteria", None) is not None
+
+    @staticmethod
+    def config(model: nn.Module) -> SoteriaConfig | None:
+        """The :class:`SoteriaConfig` of a steered model (also one loaded from disk), else None."""
+        inner = _inner(model)
+        cfg = inner.__dict__.get("soteria_config")
+        if cfg is not None:
+            return cfg
+        d = getattr(getattr(inner, "config", None), "soteria", None)
+        return SoteriaConfig.from_dict(d) if d is not None else None
+
+
+# --------------------------------------------------------------------------- the edit
+
+
+def _slice(weight: torch.Tensor, site, head: int) -> torch.Tensor:
+    return weight.narrow(site.head_axis % 2, head * site.head_dim, site.head_dim)
+
+
+def _operand_dtype(harm: HarmVector, weight: torch.Tensor) -> torch.dtype:
+    """The harmful weights in the weight's dtype; a tau direction in fp32 for half-precision
+    weights (the update kernel takes it as is and rounds the weight once)."""
+    if harm.kind == "tau" and weight.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return weight.dtype
+
+
+def _edit(sites, plan: dict[int, tuple[list[int], list[float]]], harm: HarmVector) -> dict:
+    """Run the kernels layer by layer, saving each slice first; on any failure put every slice back."""
+    k = _kernels()
+    saved: dict[tuple[int, int], torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for layer, (hs, ss) in sorted(plan.items()):
+                site = sites[layer]
+                w = site.weight
+                operand = harm.tensor(layer).to(device=w.device, dtype=_operand_dtype(harm, w))
+                for h in hs:
+                    saved[(layer, h)] = _slice(w.detach(), site, h).to("cpu", copy=True)
+                fn = k.masked_head_steer_ if harm.kind == "harmful" else k.masked_head_update_
+                fn(w, operand, hs, head_dim=site.head_dim, scale=ss, head_axis=site.head_axis)
+    except BaseException:
+        _restore(sites, saved)
+        raise
+    return saved
+
+
+def _restore(sites, saved: dict[tuple[int, int], torch.Tensor]) -> None:
+    with torch.no_grad():
+        for (layer, h), orig in saved.items():
+            site = sites[layer]
+            _slice(site.weight.detach(), site, h).copy_(orig)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_langs(langs: Any) -> list[str]:
+    if isinstance(langs, str):
+        langs = [langs]
+    try:
+        out = list(langs)
+    except TypeError:
+        raise ValueError(f"langs must be a language code or a list of them, got {type(langs).__name__}") from None
+    if not out or not all(isinstance(x, str) and x.strip() for x in out):
+        raise ValueError(f"langs must be a non-empty list of language codes, got {langs!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"langs repeat: {out}")
+    return out
+
+
+def _check_scale(scale: Any, langs: list[str]) -> float | dict[str, float]:
+    import math
+
+    def one(v, what):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise ValueError(f"{what} must be a finite float, got {v!r}")
+        return float(v)
+
+    if isinstance(scale, dict):
+        missing = [x for x in langs if x not in scale]
+        extra = [x for x in scale if x not in langs]
+        if missing or extra:
+            raise ValueError(f"scale must give one value per language: missing {missing}, unexpected {extra}")
+        return {lang: one(scale[lang], f"scale[{lang!r}]") for lang in langs}
+    return one(scale, "scale")
+
+
+def _check_find(langs, method, top_k, total: int, tokenizer, find_kwargs) -> None:
+    from .attribution import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if tokenizer is None:
+        raise ValueError("finding heads (heads=None) needs tokenizer=; or pass heads= explicitly")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Real):
+        raise ValueError(f"top_k must be an int in [1, {total}] or a fraction in (0, 1], got {top_k!r}")
+    if _is_int(top_k):
+        if not 1 <= top_k <= total:
+            raise ValueError(f"top_k = {top_k} is out of range: the model has {total} heads")
+    elif not 0.0 < float(top_k) <= 1.0:
+        raise ValueError(f"a fractional top_k must be in (0, 1], got {top_k}")
+    if "tasks" not in find_kwargs:
+        from .probes import languages
+
+        known = languages()
+        unknown = [x for x in langs if x not in known]
+        if unknown:
+            raise ValueError(
+                f"no built-in probe tasks for {unknown}; built-in languages: {', '.join(known)}. "
+                "Pass heads= explicitly or find_kwargs={'tasks': ...} with your own probe data"
+            )
+
+
+def _check_pairs(pairs: Any, what: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+        raise ValueError(f"{what} must be a list of (layer, head) pairs, got {pairs!r}")
+    out: list[tuple[int, int]] = []
+    for p in pairs:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(v) for v in p)):
+            raise ValueError(f"{what} must hold (layer, head) pairs of ints, got {p!r}")
+        layer, head = int(p[0]), int(p[1])
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(
+                f"{what}: head ({layer}, {head}) is out of range: the model has {n_layers} layers x {n_heads} heads"
+            )
+        if (layer, head) not in out:
+            out.append((layer, head))
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return out
+
+
+def _check_heads(heads: Any, langs: list[str], n_layers: int, n_heads: int) -> dict[str, list[tuple[int, int]]]:
+    if isinstance(heads, dict):
+        missing = [x for x in langs if x not in heads]
+        extra = [x for x in heads if x not in langs]
+        if missing or extra:
+            raise ValueError(f"heads must give one list per language: missing {missing}, unexpected {extra}")
+        return {lang: _check_pairs(heads[lang], f"heads[{lang!r}]", n_layers, n_heads) for lang in langs}
+    pairs = _check_pairs(heads, "heads", n_layers, n_heads)
+    return {lang: list(pairs) for lang in langs}
