@@ -66,9 +66,6 @@ def dense_mask_steer(weight, harmful, heads, head_dim, scale):
 
 
 def run(quick: bool) -> list[dict]:
-    import soteria_kernels as sk
-    from soteria_kernels import reference
-
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16
@@ -81,43 +78,28 @@ def run(quick: bool) -> list[dict]:
         print("No CUDA device: timing the eager PyTorch side only. Triton timings need a GPU.")
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-
     for model, (hidden, heads, head_dim) in MODELS.items():
         width = heads * head_dim
         for r in ROWS:
-            if max_elements and r * width > max_elements:
-                continue
-            act = torch.randn(r, width, device=device, dtype=dtype, generator=gen)
-            grad = torch.randn(r, width, device=device, dtype=dtype, generator=gen)
-            mean = torch.randn(width, device=device, dtype=dtype, generator=gen)
-            nbytes = 2 * r * width * elem + width * elem + r * heads * 4
-            eager_ms = bench(lambda: reference.head_attribution(act, grad, num_heads=heads, baseline=mean), cuda)
-            triton_ms = (
-                bench(lambda: sk.head_attribution(act, grad, num_heads=heads, baseline=mean), cuda) if cuda else None
-            )
-            rows.append(_row(prov, "head_attribution", model, f"rows={r}", r * width, nbytes, peak, eager_ms, triton_ms))
-            del act, grad
-
-        weight = torch.randn(hidden, width, device=device, dtype=dtype, generator=gen)
-        harmful = weight + 0.01 * torch.randn(hidden, width, device=device, dtype=dtype, generator=gen)
+            if max_elements is None or r * width <= max_elements:
+                timings = _bench_attribution(r, heads, head_dim, device, dtype, gen, cuda)
+                nbytes = 2 * r * width * elem + width * elem + r * heads * 4
+                rows.append(_row(prov, "head_attribution", model, f"rows={r}", r * width, nbytes, peak, *timings))
         for frac in FRACTIONS:
             k = max(1, round(frac * heads))
-            sel = torch.randperm(heads, generator=torch.Generator().manual_seed(k))[:k].tolist()
+            eager_ms, triton_ms, dense_ms = _bench_steer(hidden, heads, head_dim, k, device, dtype, gen, cuda)
             nbytes = 3 * k * head_dim * hidden * elem
-            w = weight.clone()
-            eager_ms = bench(
-                lambda: reference.masked_head_steer_(
-                    w, harmful, torch.tensor(sel), head_dim=head_dim, scale=torch.full((k,), 0.5)
-                ),
-                cuda,
+            row = _row(
+                prov,
+                "masked_head_steer_",
+                model,
+                f"heads={frac:.0%}",
+                hidden * width,
+                nbytes,
+                peak,
+                eager_ms,
+                triton_ms,
             )
-            dense_ms = bench(lambda: dense_mask_steer(w, harmful, sel, head_dim, 0.5), cuda, reps=5)
-            triton_ms = (
-                bench(lambda: sk.masked_head_steer_(w, harmful, sel, head_dim=head_dim, scale=0.5), cuda)
-                if cuda
-                else None
-            )
-            row = _row(prov, "masked_head_steer_", model, f"heads={frac:.0%}", hidden * width, nbytes, peak, eager_ms, triton_ms)
             row["dense_mask_ms"] = dense_ms
             row["speedup_vs_dense"] = dense_ms / (triton_ms or eager_ms)
             rows.append(row)
@@ -125,6 +107,39 @@ def run(quick: bool) -> list[dict]:
         row.setdefault("dense_mask_ms", "")
         row.setdefault("speedup_vs_dense", "")
     return rows
+
+
+def _bench_attribution(rows, heads, head_dim, device, dtype, gen, cuda):
+    """(eager ms, Triton ms or None) for ``rows x heads*head_dim`` activations and gradients."""
+    import soteria_kernels as sk
+    from soteria_kernels import reference
+
+    act = torch.randn(rows, heads * head_dim, device=device, dtype=dtype, generator=gen)
+    grad = torch.randn(rows, heads * head_dim, device=device, dtype=dtype, generator=gen)
+    mean = torch.randn(heads * head_dim, device=device, dtype=dtype, generator=gen)
+    eager_ms = bench(lambda: reference.head_attribution(act, grad, num_heads=heads, baseline=mean), cuda)
+    triton_ms = bench(lambda: sk.head_attribution(act, grad, num_heads=heads, baseline=mean), cuda) if cuda else None
+    return eager_ms, triton_ms
+
+
+def _bench_steer(hidden, heads, head_dim, k, device, dtype, gen, cuda):
+    """(eager ms, Triton ms or None, dense-mask ms) for steering ``k`` heads of one o_proj."""
+    import soteria_kernels as sk
+    from soteria_kernels import reference
+
+    width = heads * head_dim
+    weight = torch.randn(hidden, width, device=device, dtype=dtype, generator=gen)
+    harmful = weight + 0.01 * torch.randn(hidden, width, device=device, dtype=dtype, generator=gen)
+    sel = torch.randperm(heads, generator=torch.Generator().manual_seed(k))[:k].tolist()
+    sel_t, scales = torch.tensor(sel), torch.full((k,), 0.5)
+    eager_ms = bench(
+        lambda: reference.masked_head_steer_(weight, harmful, sel_t, head_dim=head_dim, scale=scales), cuda
+    )
+    dense_ms = bench(lambda: dense_mask_steer(weight, harmful, sel, head_dim, 0.5), cuda, reps=5)
+    triton_ms = (
+        bench(lambda: sk.masked_head_steer_(weight, harmful, sel, head_dim=head_dim, scale=0.5), cuda) if cuda else None
+    )
+    return eager_ms, triton_ms, dense_ms
 
 
 def _row(prov, op, model, case, elements, nbytes, peak, eager_ms, triton_ms):
@@ -150,7 +165,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = run(args.quick)
-    cols = ["op", "model", "case", "eager_ms", "triton_ms", "gbps", "frac_of_peak", "speedup_vs_eager", "dense_mask_ms", "speedup_vs_dense"]
+    cols = [
+        "op",
+        "model",
+        "case",
+        "eager_ms",
+        "triton_ms",
+        "gbps",
+        "frac_of_peak",
+        "speedup_vs_eager",
+        "dense_mask_ms",
+        "speedup_vs_dense",
+    ]
     print_table(rows, cols)
     path = append_csv("kernels", rows)
     print(f"appended {len(rows)} rows to {path}")

@@ -1,0 +1,3 @@
+from soteria.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""The ``soteria`` command line: find heads, steer, push, demo, env (and eval).
+
+A user's mistake (bad argument, missing file, unknown language) exits with code 2 and a
+one-line message; ``SOTERIA_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
+    """``(model, tokenizer)`` from a directory, a Hub id, or ``tiny:<model_type>`` (built locally)."""
+    if spec.startswith("tiny:"):
+        from soteria.tiny import tiny_model, tiny_tokenizer
+
+        torch_dtype = _dtype(dtype)
+        kwargs = {} if torch_dtype == "auto" else {"dtype": torch_dtype}
+        model = tiny_model(spec.split(":", 1)[1], **kwargs)
+        tokenizer = tiny_tokenizer()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if os.path.sep in spec and not Path(spec).exists():
+            raise FileNotFoundError(f"model directory not found: {spec}")
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_dtype(dtype), device_map=device)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    if device and spec.startswith("tiny:"):
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _langs(values: list[str]) -> list[str]:
+    langs = [x.strip() for v in values for x in v.split(",") if x.strip()]
+    if not langs:
+        raise ValueError("give at least one language with --langs (e.g. --langs hi bn)")
+    return langs
+
+
+def _scale(text: str):
+    """``1.0`` or ``hi=1.0,bn=0.5``."""
+    if "=" not in text:
+        return float(text)
+    out = {}
+    for part in text.split(","):
+        lang, _, value = part.partition("=")
+        if not lang.strip() or not value.strip():
+            raise ValueError(f"bad --scale entry {part!r}; use LANG=VALUE pairs, e.g. hi=1.0,bn=0.5")
+        out[lang.strip()] = float(value)
+    return out
+
+
+def _top_k(text: str):
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _parse_heads(text: str) -> list[tuple[int, int]]:
+    """``"3:1,5:0"`` -> [(3, 1), (5, 0)]."""
+    heads = []
+    for part in text.split(","):
+        layer, sep, head = part.strip().partition(":")
+        if not sep or not layer.strip().isdigit() or not head.strip().isdigit():
+            raise ValueError(f"bad head {part!r} in --heads; use LAYER:HEAD pairs, e.g. 3:1,5:0")
+        heads.append((int(layer), int(head)))
+    return heads
+
+
+def _heads_arg(args, langs):
+    """Explicit heads from --heads or --heads-from score files, or None (find them)."""
+    if args.heads and args.heads_from:
+        raise ValueError("give --heads or --heads-from, not both")
+    if args.heads:
+        return _parse_heads(args.heads)
+    if args.heads_from:
+        from soteria.heads import HeadScores
+
+        found = {}
+        for path in args.heads_from:
+            scores = HeadScores.load(path)
+            found[scores.lang] = scores.top(args.top_k)
+        missing = [lang for lang in langs if lang not in found]
+        if missing:
+            raise ValueError(f"--heads-from has no scores for {', '.join(missing)} (found {', '.join(found)})")
+        return {lang: found[lang] for lang in langs}
+    return None
+
+
+def cmd_heads(args) -> int:
+    from soteria.heads import find_heads
+
+    langs = _langs(args.langs)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    out = Path(args.out)
+    for lang in langs:
+        scores = find_heads(
+            model, tokenizer, lang, method=args.method, tasks=args.tasks, n_shots=args.n_shots,
+            n_trials=args.n_trials, seed=args.seed, batch_size=args.batch_size, cache=not args.no_cache,
+        )  # fmt: skip
+        json_path = scores.save(out / f"heads_{lang}.json")
+        png_path = scores.plot(out / f"heads_{lang}.png", k=args.top_k)
+        top = ", ".join(f"({l},{h})" for l, h in scores.top(args.top_k)[:10])
+        print(f"{lang}: top heads {top}{' ...' if len(scores.top(args.top_k)) > 10 else ''}")
+        print(f"{lang}: wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_steer(args) -> int:
+    from soteria.export import push_to_hub, save_steered, steer_checkpoint
+
+    langs = _langs(args.langs)
+    scale = _scale(args.scale)
+    heads = _heads_arg(args, langs)
+    if args.streaming:
+        if heads is None:
+            raise ValueError("--streaming edits a checkpoint without loading it: give --heads or --heads-from")
+        if args.harm is None:
+            raise ValueError("--streaming needs --harm (a harmful fine-tune directory or a saved HarmVector)")
+        if isinstance(heads, list):
+            heads = {lang: heads for lang in langs}
+        harm = args.harm
+        if str(harm).endswith(".safetensors"):
+            from soteria.harm import HarmVector
+
+            harm = HarmVector.load(harm)
+        out = steer_checkpoint(args.model, args.out, heads=heads, harm=harm, scale=scale, overwrite=args.overwrite)
+    else:
+        from soteria.steering import SoteriaPatcher
+
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        harm = args.harm
+        if harm is not None and str(harm).endswith(".safetensors") and Path(harm).is_file():
+            from soteria.harm import HarmVector
+
+            harm = HarmVector.load(harm)
+        SoteriaPatcher.apply(
+            model, langs, harm=harm, scale=scale, top_k=args.top_k, heads=heads, tokenizer=tokenizer,
+            method=args.method,
+        )  # fmt: skip
+        config = SoteriaPatcher.config(model)
+        out = save_steered(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+        print(f"steered {len(config.head_union)} heads for {', '.join(langs)}")
+    print(f"wrote {out}")
+    if args.push:
+        url = push_to_hub(out, args.push, private=not args.public, token=args.token)
+        print(f"pushed to {url}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from soteria.export import push_to_hub
+
+    url = push_to_hub(args.folder, args.repo_id, private=not args.public, token=args.token, commit_message=args.message)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from soteria.demo import format_summary, run_demo
+
+    summary = run_demo(args.out, langs=_langs(args.langs), top_k=args.top_k, scale=args.scale)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_env(args) -> int:
+    from soteria.env_report import format_report
+
+    print(format_report())
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory, Hub id, or tiny:<model_type> (a tiny local model)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--device", default=None, help="device or device_map for loading, e.g. cuda, auto")
+
+
+def _find_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["atp", "exact"], default="atp", help="attribution patching or exact patching")
+    p.add_argument("--top-k", type=_top_k, default=0.25, help="heads per language: a count or a fraction (0.25)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from soteria.version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="soteria",
+        description="Language-specific functional parameter steering for multilingual safety (arXiv 2502.11244).",
+    )
+    parser.add_argument("--version", action="version", version=f"soteria {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("heads", help="find each language's functional heads", description="Score every attention "
+                       "head per language; write HeadScores JSON and a heatmap PNG per language.")  # fmt: skip
+    _model_args(p)
+    p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
+    _find_args(p)
+    p.add_argument("--tasks", nargs="+", default=None, help="built-in task names (default: all)")
+    p.add_argument("--n-shots", type=int, default=10)
+    p.add_argument("--n-trials", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
+    p.add_argument("--out", default="soteria-heads", help="output directory (default: soteria-heads)")
+    p.set_defaults(func=cmd_heads)
+
+    p = sub.add_parser("steer", help="steer a model and save it", description="Steer the selected heads' output "
+                       "projections away from the harm direction; save as safetensors with a model card.")  # fmt: skip
+    _model_args(p)
+    p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
+    p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id) or a saved HarmVector "
+                   "(.safetensors); default: the gradient direction from the built-in refusal data")  # fmt: skip
+    p.add_argument("--scale", default="1.0", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5")
+    _find_args(p)
+    p.add_argument("--heads", default=None, help="explicit heads LAYER:HEAD,... (skips head finding)")
+    p.add_argument("--heads-from", nargs="+", default=None, help="HeadScores JSON files from `soteria heads`")
+    p.add_argument("--streaming", action="store_true", help="edit a checkpoint directory on disk without loading it")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--push", metavar="REPO_ID", default=None, help="push the result to this Hub repo afterwards")
+    p.add_argument("--public", action="store_true", help="make a pushed repo public (default: private)")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("push", help="push a saved steered model to the Hub", description="Upload a folder written "
+                       "by `soteria steer` to a Hub model repo (created if needed, private by default).")  # fmt: skip
+    p.add_argument("folder", help="folder written by `soteria steer`")
+    p.add_argument("repo_id", help="Hub repo id, e.g. you/model-soteria")
+    p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    p.add_argument("--token", default=None)
+    p.add_argument("--message", default=None, help="commit message")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a small built-in model",
+                       description="Build a small model, find heads for two languages, steer with the default harm "
+                       "direction, save, reload with plain transformers, and print what changed.")  # fmt: skip
+    p.add_argument("--out", default="soteria-demo", help="output directory (default: ./soteria-demo)")
+    p.add_argument("--langs", nargs="+", default=["hi", "bn"], help="languages (default: hi bn)")
+    p.add_argument("--top-k", type=int, default=8, help="heads per language (default 8)")
+    p.add_argument("--scale", type=float, default=1.0, help="lambda (default 1.0)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("env", help="versions, devices and kernel backends for bug reports")
+    p.set_defaults(func=cmd_env)
+
+    try:
+        from soteria.eval_cli import add_eval_parser
+    except ImportError:  # evaluation extras not importable: the other commands still work
+        pass
+    else:
+        add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("SOTERIA_DEBUG"):
+            raise
+        msg = str(e)
+        print(f"soteria {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

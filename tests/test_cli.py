@@ -1,0 +1,129 @@
+"""The ``soteria`` command line: each subcommand's happy path and its user errors (exit 2, one line)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from soteria.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")  # the kernels' own tests cover the interpreter
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", [[], ["heads"], ["steer"], ["push"], ["demo"], ["env"]])
+def test_help_everywhere(command):
+    proc = subprocess.run([sys.executable, "-m", "soteria", *command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: soteria" in proc.stdout
+
+
+def test_env(capsys):
+    code, out, _ = _run(capsys, "env")
+    assert code == 0
+    for key in ("soteria", "torch", "triton", "transformers", "kernel backend", "cache dir"):
+        assert key in out
+
+
+def test_heads_writes_scores_and_heatmaps(tmp_path, capsys):
+    out_dir = tmp_path / "heads"
+    code, out, err = _run(
+        capsys, "heads", "tiny:llama", "--langs", "hi", "bn", "--tasks", "antonym", "--n-shots", "2",
+        "--n-trials", "2", "--top-k", "3", "--out", str(out_dir),
+    )  # fmt: skip
+    assert code == 0, err
+    for lang in ("hi", "bn"):
+        data = json.loads((out_dir / f"heads_{lang}.json").read_text())
+        assert data["lang"] == lang
+        assert (out_dir / f"heads_{lang}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"{lang}: top heads" in out
+
+
+def test_steer_in_memory_with_explicit_heads(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out_dir = tmp_path / "steered"
+    code, out, err = _run(
+        capsys, "steer", "tiny:llama", "--langs", "hi", "--heads", "0:1,1:2", "--scale", "0.5", "--out", str(out_dir)
+    )
+    assert code == 0, err
+    assert "steered 2 heads for hi" in out
+    config = json.loads((out_dir / "soteria_config.json").read_text())
+    assert config["languages"] == ["hi"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert reloaded.config.soteria["languages"] == ["hi"]
+
+
+def test_steer_heads_from_scores(tmp_path, capsys):
+    heads_dir = tmp_path / "heads"
+    code, _, err = _run(
+        capsys, "heads", "tiny:gpt2", "--langs", "fr", "--tasks", "antonym", "--n-shots", "2", "--n-trials", "2",
+        "--out", str(heads_dir),
+    )  # fmt: skip
+    assert code == 0, err
+    out_dir = tmp_path / "steered"
+    code, out, err = _run(
+        capsys, "steer", "tiny:gpt2", "--langs", "fr", "--heads-from", str(heads_dir / "heads_fr.json"),
+        "--top-k", "2", "--out", str(out_dir),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "steered 2 heads for fr" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["heads", "tiny:llama", "--langs", "xx", "--out", "{tmp}/h"], "xx"),
+        (["steer", "tiny:llama", "--langs", "hi", "--heads", "0-1", "--out", "{tmp}/s"], "bad head '0-1'"),
+        (["steer", "tiny:llama", "--langs", "hi", "--heads", "0:9", "--out", "{tmp}/s"], "out of range"),
+        (["steer", "tiny:llama", "--langs", "hi", "--heads", "0:1", "--scale", "hi=", "--out", "{tmp}/s"], "--scale"),
+        (["steer", "tiny:llama", "--langs", "hi", "--streaming", "--out", "{tmp}/s"], "--heads or --heads-from"),
+        (["steer", "{tmp}/no/such/model", "--langs", "hi", "--heads", "0:1", "--out", "{tmp}/s"], "not found"),
+        (["heads", "tiny:nosuchfamily", "--langs", "hi", "--out", "{tmp}/h"], "unknown model_type"),
+        (["heads", "tiny:llama", "--langs", "hi", "--dtype", "int8", "--out", "{tmp}/h"], "unknown dtype"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    code, _, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("soteria "), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_argparse_errors_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "soteria", "steer", "tiny:llama"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--langs" in proc.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from soteria.demo import format_summary, run_demo
+
+    summary = run_demo(tmp_path / "demo", n_shots=2, n_trials=2, top_k=4)
+    assert summary["reload_max_logit_diff"] == 0.0
+    assert summary["changed"] > 0 and summary["changed"] < summary["total"]
+    for lang in summary["langs"]:
+        assert summary["refusal_nll_after"][lang] < summary["refusal_nll_before"][lang]
+        assert (tmp_path / "demo" / "heads" / f"{lang}.png").exists()
+    text = format_summary(summary)
+    assert "parameters changed" in text and "hi" in text
+    # the folder loads with plain transformers where soteria cannot be imported
+    code = (
+        "import sys; sys.modules['soteria'] = sys.modules['soteria_kernels'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'demo')!r})\n"
+        "print(m.config.soteria['languages'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "['hi', 'bn']" in proc.stdout
