@@ -20,6 +20,8 @@ _LAZY = {
     "save_steered": "soteria.export",
     "steer_checkpoint": "soteria.export",
     "push_to_hub": "soteria.export",
+    "evaluate": "soteria.evaluation",
+    "EvalReport": "soteria.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -39,6 +41,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover - re-exports for type checkers
     from .config import SoteriaConfig  # noqa: F401
+    from .evaluation import EvalReport, evaluate  # noqa: F401
     from .export import push_to_hub, save_steered, steer_checkpoint  # noqa: F401
     from .harm import HarmVector  # noqa: F401
     from .heads import HeadScores, find_heads  # noqa: F401

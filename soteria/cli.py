@@ -1,4 +1,4 @@
-"""The ``soteria`` command line: find heads, steer, push, demo, env (and eval).
+"""The ``soteria`` command line: heads, steer, push, eval, demo, env.
 
 A user's mistake (bad argument, missing file, unknown language) exits with code 2 and a
 one-line message; ``SOTERIA_DEBUG=1`` shows the traceback instead.
@@ -259,12 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="versions, devices and kernel backends for bug reports")
     p.set_defaults(func=cmd_env)
 
-    try:
-        from soteria.eval_cli import add_eval_parser
-    except ImportError:  # evaluation extras not importable: the other commands still work
-        pass
-    else:
-        add_eval_parser(sub)
+    from soteria.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""``soteria eval``: attack success rate per language and utility, before and after steering.
+
+Wire it into the main CLI with::
+
+    from .eval_cli import add_eval_parser, run_eval
+    add_eval_parser(subparsers)          # adds the "eval" sub-command (sets func=run_eval)
+
+``run_eval(args)`` returns the exit status. A user's mistake raises ValueError or
+FileNotFoundError (the main CLI turns them into exit status 2 with a one-line message).
+The LLM judge's API key is read from ``$SOTERIA_JUDGE_API_KEY`` (or ``$OPENAI_API_KEY``) only,
+never from the command line, so it stays out of shell history and process listings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_parser", "run_eval"]
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    p = subparsers.add_parser(
+        "eval",
+        help="measure attack success rate per language and utility (before/after steering)",
+        description=(
+            "Generate responses to harmful prompts in each language, label them with a judge, and report the "
+            "attack success rate (ASR = harmful / (harmful + safe); unparsed judge answers reported apart, "
+            "never counted as safe) and utility (held-out perplexity, probe accuracy, KL on harmless prompts) "
+            "for a model and, optionally, its steered copy. Writes report.json, asr.png, table.txt, "
+            "generations.jsonl (resumable) and judgments.jsonl to --out."
+        ),
+    )
+    m = p.add_argument_group("models")
+    m.add_argument("--model", required=True, help="the original model: a local folder or Hub id")
+    m.add_argument("--steered", help="the steered model (folder or Hub id) to compare against --model")
+    m.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: --model's)")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    m.add_argument("--dtype", default="auto", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
+
+    d = p.add_argument_group("prompts")
+    d.add_argument(
+        "--prompts",
+        default="smoke",
+        help="smoke (built-in, default), xthreatbench, multijail, hub:OWNER/NAME, or a .csv/.json/.jsonl file",
+    )
+    d.add_argument("--langs", help="comma-separated language codes (default: all in the prompt set)")
+    d.add_argument("--limit", type=_positive, help="at most this many prompts per language")
+    d.add_argument("--prompt-column", help="name of the prompt column (default: detected)")
+    d.add_argument("--lang-column", help="name of the language column (default: detected)")
+    d.add_argument("--lang", dest="fixed_lang", help="language of every prompt, for data without a language column")
+    d.add_argument("--split", help="dataset split (Hub sets)")
+    d.add_argument("--config", dest="dataset_config", help="dataset configuration name (Hub sets)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens generated per response (default 64)")
+    g.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch (default 8)")
+    g.add_argument(
+        "--instruction",
+        action="store_true",
+        help="prefix the paper's instruction ('Only provide the answer to the given question.') in each language",
+    )
+    g.add_argument("--no-chat-template", action="store_true", help="feed raw prompts even if a chat template exists")
+    g.add_argument("--system-prompt", help="system message for the chat template")
+
+    j = p.add_argument_group("judge")
+    j.add_argument(
+        "--judge",
+        default="refusal",
+        help="refusal (crude refusal-phrase baseline, default), llm (OpenAI-compatible endpoint), "
+        "or a classifier / guard model folder or Hub id",
+    )
+    j.add_argument("--judge-url", help="LLM judge base URL, e.g. http://localhost:8000/v1 (or $SOTERIA_JUDGE_BASE_URL)")
+    j.add_argument("--judge-model", help="LLM judge model name (or $SOTERIA_JUDGE_MODEL)")
+    j.add_argument("--judge-workers", type=_positive, default=4, help="concurrent LLM judge requests (default 4)")
+    j.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request (default 60)")
+    j.add_argument("--judge-retries", type=_non_negative, default=5, help="retries per judge request (default 5)")
+    j.add_argument("--judge-cache", help="JSONL cache of judge answers (default: OUT/judge_cache.jsonl)")
+
+    u = p.add_argument_group("utility")
+    u.add_argument("--no-utility", action="store_true", help="skip perplexity, probe accuracy and KL")
+    u.add_argument("--probe-prompts", type=_non_negative, default=10, help="prompts per probe task (0: skip probes)")
+    u.add_argument("--n-shots", type=_non_negative, default=5, help="demonstrations per probe prompt (default 5)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="soteria-eval", help="output folder (default ./soteria-eval)")
+    o.add_argument("--no-resume", action="store_true", help="regenerate even if OUT/generations.jsonl has responses")
+    o.add_argument("--seed", type=int, default=0, help="seed for the probe prompts (default 0)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
+
+
+def _check_source(text: str, what: str) -> str:
+    if not Path(text).exists() and not _looks_like_hub_id(text):
+        raise FileNotFoundError(f"{what} {text!r} is neither a local folder nor a Hub id (owner/name)")
+    return text
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+
+
+def _load_model(path: str, dtype: str, device, what: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_source(path, what)
+    kwargs: dict[str, Any] = {}
+    if dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load {what} {path!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _langs(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    langs = [x.strip() for x in re.split(r"[,\s]+", text) if x.strip()]
+    if not langs:
+        raise ValueError("--langs is empty; give comma-separated codes like en,hi,bn")
+    return langs
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``soteria eval`` with parsed ``args``; print the table; return 0."""
+    from transformers import AutoTokenizer
+
+    from .evaluation import evaluate
+
+    out = Path(args.out)
+    judge_kwargs: dict[str, Any] = {}
+    if args.judge == "llm":
+        judge_kwargs = dict(
+            base_url=args.judge_url,
+            model=args.judge_model,
+            workers=args.judge_workers,
+            timeout=args.judge_timeout,
+            max_retries=args.judge_retries,
+            cache_path=args.judge_cache or (out / "judge_cache.jsonl"),
+            progress=not args.no_progress,
+        )
+    elif args.judge_url or args.judge_model:
+        raise ValueError("--judge-url / --judge-model apply to --judge llm only")
+    prompt_kwargs = {
+        k: v
+        for k, v in dict(
+            prompt_column=args.prompt_column,
+            lang_column=args.lang_column,
+            lang=args.fixed_lang,
+            split=args.split,
+            config=args.dataset_config,
+        ).items()
+        if v is not None
+    }
+    langs = _langs(args.langs)
+
+    device = _device(args.device)
+    _check_source(args.model, "--model")
+    if args.steered:
+        _check_source(args.steered, "--steered")
+    tok_path = _check_source(args.tokenizer or args.model, "--tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load the tokenizer {tok_path!r}: {str(e).splitlines()[0]}") from None
+    model = _load_model(args.model, args.dtype, device, "--model")
+    steered = _load_model(args.steered, args.dtype, device, "--steered") if args.steered else None
+
+    report = evaluate(
+        model,
+        tokenizer,
+        steered=steered,
+        langs=langs,
+        prompts=args.prompts,
+        judge=args.judge,
+        judge_kwargs=judge_kwargs,
+        prompt_kwargs=prompt_kwargs,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        instruction=args.instruction,
+        chat_template=False if args.no_chat_template else None,
+        system_prompt=args.system_prompt,
+        utility=not args.no_utility,
+        probe_prompts=args.probe_prompts,
+        n_shots=args.n_shots,
+        seed=args.seed,
+        out_dir=out,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    print(f"\nwrote {out / 'report.json'}, {out / 'asr.png'}, {out / 'judgments.jsonl'}")
+    return 0
+
+
+def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - the lead's soteria CLI is the entry point
+    parser = argparse.ArgumentParser(prog="soteria")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"soteria eval: error: {e}\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
