@@ -1,0 +1,118 @@
+"""Atomic file output: a reader sees the old state or the complete new one, never a half-written one.
+
+- :func:`atomic_directory`: build a directory under a temporary name beside the target, fsync
+  it, then rename it into place. Any exception (``KeyboardInterrupt`` included) removes the
+  temporary directory and leaves the target as it was.
+- :func:`atomic_write_bytes` / :func:`atomic_write_text`: the same for one file (``os.replace``).
+
+The temporary names start with ``.`` and the target's name (``.out.tmp-1a2b3c4d``), so a
+process killed with SIGKILL leaves at worst a hidden, clearly named leftover, never a
+target that looks complete. New files and directories get the usual umask permissions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_text", "fsync_tree"]
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every regular file and directory under ``root`` (``root`` included)."""
+    root = Path(root)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``target`` when the block succeeds.
+
+    ``target`` must not exist unless ``overwrite=True`` (then an existing directory is replaced:
+    it is moved aside, the new one renamed in, the old one deleted; the only moment neither
+    exists is between two renames). ``FileExistsError`` if it exists otherwise, or is a file.
+    On any exception the temporary directory is deleted and the exception propagates.
+    """
+    target = Path(os.path.abspath(target))
+    _check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        _check_target(target, overwrite)  # again: something may have appeared meanwhile
+        if os.path.lexists(target):
+            old = _sibling(target, "old")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} already exists; choose a new directory or pass overwrite=True")
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; overwrite=True replaces directories only")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling, fsync, ``os.replace``."""
+    path = Path(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,388 @@
+"""Per-head causal indirect effects: exact activation patching and attribution patching (AtP).
+
+For head ``h`` of layer ``l`` (input columns ``[h*D, (h+1)*D)`` of that layer's attention
+output projection, activation ``z^l_h``) and a corrupted prompt with target token ``t``:
+
+- exact: ``p(t | corrupted, z^l_h[last] := a_bar^l_h) - p(t | corrupted)``, where
+  ``a_bar^l_h`` is the mean of ``z^l_h`` at the last token over the clean prompts;
+- AtP: ``sum_d (a_bar^l_h - z^l_h[last])[d] * dp(t)/dz^l_h[last, d]``, its first-order Taylor
+  expansion, from one forward and one backward pass per batch for all ``L*H`` heads.
+
+Probabilities are softmaxes of fp32 logits at each row's last real token. Batches are padded
+on the right. The model is left as it was found: hooks removed, ``training`` flags and
+``requires_grad`` flags restored, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "indirect_effects", "mean_activations"]
+
+METHODS = ("atp", "exact")
+# Rows per forward pass when ``batch_size`` is None. AtP keeps activations for the backward
+# pass, so it takes fewer rows; the exact method runs under no_grad and packs several patched
+# copies of the prompts into one pass.
+DEFAULT_BATCH_SIZE = {"atp": 8, "exact": 32}
+
+Prompt = str | Sequence[int] | torch.Tensor
+Progress = Callable[[int], Any] | None
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _prompt_list(prompts: Any, what: str) -> list[str | list[int]]:
+    if isinstance(prompts, (str, bytes)) or (isinstance(prompts, torch.Tensor) and prompts.ndim < 2):
+        raise ValueError(f"{what} must be a list of prompts (strings or token-id lists), got a single prompt")
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    try:
+        out = list(prompts)
+    except TypeError:
+        raise ValueError(f"{what} must be a list of prompts, got {type(prompts).__name__}") from None
+    if not out:
+        raise ValueError(f"{what} is empty")
+    for i, p in enumerate(out):
+        if isinstance(p, str):
+            continue
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        try:
+            ids = [int(x) for x in p]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{what}[{i}] must be a string or a sequence of token ids, got {type(p).__name__}"
+            ) from None
+        if not ids:
+            raise ValueError(f"{what}[{i}] is an empty token-id list")
+        out[i] = ids
+    return out
+
+
+def _target_ids(tokenizer, targets: Any, n: int) -> torch.Tensor:
+    if isinstance(targets, (str, int)) or (isinstance(targets, torch.Tensor) and targets.ndim == 0):
+        raise ValueError("targets must be a list with one target per corrupted prompt")
+    targets = targets.tolist() if isinstance(targets, torch.Tensor) else list(targets)
+    if len(targets) != n:
+        raise ValueError(f"got {len(targets)} targets for {n} corrupted prompts; they must match one to one")
+    ids = []
+    for i, t in enumerate(targets):
+        if isinstance(t, str):
+            toks = tokenizer(t, add_special_tokens=False)["input_ids"]
+            if not toks:
+                raise ValueError(f"targets[{i}] = {t!r} tokenises to nothing")
+            ids.append(int(toks[0]))
+        elif isinstance(t, (int,)) or (isinstance(t, torch.Tensor) and t.ndim == 0):
+            ids.append(int(t))
+        else:
+            seq = t.tolist() if isinstance(t, torch.Tensor) else list(t)
+            if not seq:
+                raise ValueError(f"targets[{i}] is an empty token-id sequence")
+            ids.append(int(seq[0]))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _sites(model: nn.Module):
+    from .arch import head_sites
+
+    sites = head_sites(model)
+    if len({s.num_heads for s in sites}) != 1:
+        raise ValueError(
+            f"indirect_effects needs the same number of heads in every layer; got {[s.num_heads for s in sites]}"
+        )
+    return sites
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+
+@contextlib.contextmanager
+def _model_state(model: nn.Module, *, grad: bool):
+    """Eval mode for the duration (dropout off); with ``grad``, autograd on but parameters frozen."""
+    training = [(m, m.training) for m in model.modules()]
+    frozen = [p for p in model.parameters() if p.requires_grad] if grad else []
+    try:
+        model.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+        if grad:
+            with torch.enable_grad():
+                yield
+        else:
+            with torch.no_grad():
+                yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for m, mode in training:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def _pre_hooks(sites, make_hook: Callable[[int, Any], Callable]):
+    handles = []
+    try:
+        for layer, site in enumerate(sites):
+            handles.append(site.module.register_forward_pre_hook(make_hook(layer, site), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _projection_input(args: tuple, kwargs: dict, site, batch: int) -> torch.Tensor:
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise ValueError(f"{site.name}: expected its input as the first positional argument")
+    z = args[0]
+    width = site.num_heads * site.head_dim
+    if z.ndim != 3 or z.shape[0] != batch or z.shape[-1] != width:
+        raise ValueError(f"{site.name}: expected an input [batch={batch}, seq, {width}], got {tuple(z.shape)}")
+    return z
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings()
+    w = getattr(emb, "weight", None)
+    if w is not None and w.device.type != "meta":
+        return w.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        return False
+
+
+def _encode(tokenizer, prompts: list, device: torch.device):
+    from .prompts import encode_batch
+
+    ids, mask, last = encode_batch(tokenizer, prompts, padding_side="right")
+    return ids.to(device), mask.to(device), last.to(torch.long).cpu()
+
+
+def _target_probs(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """``[B]``: p(target) at each row's last real token (softmax of fp32 or fp64 logits)."""
+    kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    col = last
+    if _accepts_logits_to_keep(model):
+        keep = torch.unique(last)  # sorted positions shared by the batch: no [B, T, V] logits
+        kwargs["logits_to_keep"] = keep.to(ids.device)
+        col = torch.searchsorted(keep, last)
+    logits = model(**kwargs).logits
+    dev = logits.device
+    rows = torch.arange(len(last), device=dev)
+    sel = logits[rows, col.to(dev)]
+    sel = sel.to(torch.promote_types(sel.dtype, torch.float32))  # [B, V], fp32 (fp64 for fp64 models)
+    tgt = targets.to(dev)
+    if int(tgt.max()) >= sel.shape[-1] or int(tgt.min()) < 0:
+        raise ValueError(f"target token id out of range for the model's {sel.shape[-1]} logits")
+    return sel.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1).exp()
+
+
+# --------------------------------------------------------------------------- the three passes
+
+
+def mean_activations(
+    model: nn.Module, tokenizer, prompts: Sequence[Prompt], *, batch_size: int | None = None, sites=None
+) -> list[torch.Tensor]:
+    """Mean over ``prompts`` of each layer's output-projection input at the last real token.
+
+    Returns one ``[H*D]`` tensor per layer (fp32; fp64 for fp64 models), on the device that
+    layer's input lives on.
+    """
+    prompts = _prompt_list(prompts, "clean_prompts")
+    sites = sites if sites is not None else _sites(model)
+    bs = batch_size or DEFAULT_BATCH_SIZE["exact"]
+    device = _input_device(model)
+    sums: list[torch.Tensor | None] = [None] * len(sites)
+    state: dict[str, Any] = {}
+
+    def make_hook(layer, site):
+        def hook(module, args, kwargs):
+            z = _projection_input(args, kwargs, site, state["B"])
+            last = state["last"].to(z.device)
+            rows = torch.arange(z.shape[0], device=z.device)
+            s = z[rows, last].to(torch.promote_types(z.dtype, torch.float32)).sum(0)
+            sums[layer] = s if sums[layer] is None else sums[layer] + s.to(sums[layer].device)
+
+        return hook
+
+    with _model_state(model, grad=False), _pre_hooks(sites, make_hook):
+        for a, b in _batches(len(prompts), bs):
+            ids, mask, last = _encode(tokenizer, prompts[a:b], device)
+            state.update(B=b - a, last=last)
+            model(input_ids=ids, attention_mask=mask, use_cache=False, **_one_logit(model))
+    if any(s is None for s in sums):
+        raise RuntimeError("an output projection was never called during the forward pass")
+    return [s / len(prompts) for s in sums]
+
+
+def _one_logit(model) -> dict:
+    return {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+
+def _atp(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torch.Tensor:
+    import soteria_kernels
+
+    n, L, H = len(prompts), len(sites), sites[0].num_heads
+    out = torch.empty(n, L, H, dtype=torch.float32)
+    device = _input_device(model)
+    state: dict[str, Any] = {}
+
+    def make_hook(layer, site):
+        def hook(module, args, kwargs):
+            z = _projection_input(args, kwargs, site, state["B"])
+            if state["deltas"][layer] is not None:
+                raise RuntimeError(f"{site.name} was called twice in one forward pass")
+            last = state["last"].to(z.device)
+            rows = torch.arange(z.shape[0], device=z.device)
+            # A zero leaf added at the last real token only; z itself stays in the graph so
+            # the gradient also flows through later layers.
+            delta = torch.zeros(z.shape[0], z.shape[-1], dtype=torch.float32, device=z.device, requires_grad=True)
+            state["deltas"][layer] = delta
+            state["acts"][layer] = z[rows, last].detach().float()  # [B, H*D], fp32 like the grads
+            return (z.index_put((rows, last), delta.to(z.dtype), accumulate=True), *args[1:]), kwargs
+
+        return hook
+
+    with _model_state(model, grad=True), _pre_hooks(sites, make_hook):
+        for a, b in _batches(n, bs):
+            ids, mask, last = _encode(tokenizer, prompts[a:b], device)
+            state.update(B=b - a, last=last, deltas=[None] * L, acts=[None] * L)
+            metric = _target_probs(model, ids, mask, last, targets[a:b]).sum()
+            if any(d is None for d in state["deltas"]):
+                raise RuntimeError("an output projection was never called during the forward pass")
+            grads = torch.autograd.grad(metric, state["deltas"], allow_unused=True)
+            for layer, (act, g) in enumerate(zip(state["acts"], grads)):
+                if g is None:  # this layer cannot reach the metric
+                    out[a:b, layer] = 0.0
+                    continue
+                scores = soteria_kernels.head_attribution(
+                    act, g, num_heads=H, baseline=means[layer].to(act.device, torch.float32)
+                )
+                out[a:b, layer] = scores.float().cpu()
+            state.update(deltas=None, acts=None)
+            del metric, grads
+            if progress is not None:
+                progress(b - a)
+    return out
+
+
+def _exact(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torch.Tensor:
+    n, L, H = len(prompts), len(sites), sites[0].num_heads
+    out = torch.empty(n, L, H, dtype=torch.float32)
+    device = _input_device(model)
+    pairs = [(layer, h) for layer in range(L) for h in range(H)]
+    # plan[layer] = (rows [k], positions [k], head indices [k]) patched in that layer, or absent
+    state: dict[str, Any] = {"plan": {}}
+
+    def make_hook(layer, site):
+        D = site.head_dim
+
+        def hook(module, args, kwargs):
+            z = _projection_input(args, kwargs, site, state["B"])
+            plan = state["plan"].get(layer)
+            if plan is None:
+                return None
+            rows, pos, heads = (t.to(z.device) for t in plan)
+            cols = heads[:, None] * D + torch.arange(D, device=z.device)  # [k, D]
+            z = z.clone()
+            z[rows[:, None], pos[:, None], cols] = means[layer].to(z.device)[cols].to(z.dtype)
+            return (z, *args[1:]), kwargs
+
+        return hook
+
+    with _model_state(model, grad=False), _pre_hooks(sites, make_hook):
+        for a, b in _batches(n, bs):
+            B = b - a
+            ids, mask, last = _encode(tokenizer, prompts[a:b], device)
+            tgt = targets[a:b]
+            state.update(B=B, plan={})
+            base = _target_probs(model, ids, mask, last, tgt).cpu()
+            reps = max(1, bs // B)  # patched copies of this batch per forward pass
+            for p0 in range(0, len(pairs), reps):
+                group = pairs[p0 : p0 + reps]
+                r = len(group)
+                plan: dict[int, list[list[int]]] = {}
+                for j, (layer, h) in enumerate(group):
+                    entry = plan.setdefault(layer, [[], []])
+                    entry[0].extend(range(j * B, (j + 1) * B))
+                    entry[1].extend([h] * B)
+                last_r = last.repeat(r)
+                state.update(
+                    B=r * B,
+                    plan={
+                        layer: (torch.tensor(rows), last_r[rows], torch.tensor(heads))
+                        for layer, (rows, heads) in plan.items()
+                    },
+                )
+                p = _target_probs(model, ids.repeat(r, 1), mask.repeat(r, 1), last_r, tgt.repeat(r)).cpu()
+                p = p.view(r, B)
+                for j, (layer, h) in enumerate(group):
+                    out[a:b, layer, h] = p[j] - base
+                if progress is not None:  # fractions of prompts, so a bar moves between batches
+                    progress(B * r / len(pairs))
+            state["plan"] = {}
+    return out
+
+
+def indirect_effects(
+    model: nn.Module,
+    tokenizer,
+    clean_prompts: Sequence[Prompt],
+    corrupted_prompts: Sequence[Prompt],
+    targets: Sequence[str | int | Sequence[int]],
+    *,
+    method: str = "atp",
+    batch_size: int | None = None,
+    progress: Progress = None,
+) -> torch.Tensor:
+    """Each head's indirect effect on ``p(target)`` for each corrupted prompt.
+
+    Args:
+        clean_prompts: strings or token-id sequences (ids are used exactly as given); the mean
+            head activations ``a_bar`` are taken over their last real tokens.
+        corrupted_prompts: ``N`` prompts on which the heads are patched.
+        targets: ``N`` targets, strings (tokenised without special tokens; include the leading
+            space yourself) or token ids; only the first token counts.
+        method: ``"atp"`` (attribution patching, one forward + one backward pass per batch) or
+            ``"exact"`` (activation patching, ``L*H + 1`` forward passes per prompt, several
+            heads packed into one batched pass; equal to patching one head at a time).
+        batch_size: rows per forward pass (default ``DEFAULT_BATCH_SIZE[method]``).
+        progress: called with the number of corrupted prompts finished (a fraction of one with
+            the exact method) after each forward pass; e.g. a ``tqdm`` bar's ``update``.
+
+    Returns:
+        float32 ``[N, L, H]`` on the CPU.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    clean = _prompt_list(clean_prompts, "clean_prompts")
+    corrupted = _prompt_list(corrupted_prompts, "corrupted_prompts")
+    bs = int(batch_size or DEFAULT_BATCH_SIZE[method])
+    sites = _sites(model)
+    run = _atp if method == "atp" else _exact
+    # Under a caller's inference_mode every new tensor would be an inference tensor, which
+    # autograd refuses to save; leave it for the duration (a no-op otherwise).
+    with torch.inference_mode(False):
+        tgt = _target_ids(tokenizer, targets, len(corrupted))
+        means = mean_activations(model, tokenizer, clean, batch_size=bs, sites=sites)
+        return run(model, tokenizer, sites, means, corrupted, tgt, bs, progress)

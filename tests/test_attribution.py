@@ -1,0 +1,290 @@
+"""soteria.attribution: AtP and exact activation patching against independent references.
+
+The references here share nothing with the code under test but ``head_sites``: one prompt at a
+time (no padding), plain hooks, float64 arithmetic for the per-head sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soteria.arch import head_sites
+from soteria.attribution import indirect_effects, mean_activations
+from soteria.tiny import tiny_model, tiny_tokenizer
+
+CLEAN = [
+    "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:",
+    "Q: France\nA: Paris\n\nQ: Japan\nA:",
+    "Q: good\nA: bad\n\nQ: fast\nA: slow\n\nQ: quick brown fox\nA: lazy dog\n\nQ: day\nA:",
+]
+CORRUPTED = [
+    "Q: hot\nA: small\n\nQ: big\nA: cold\n\nQ: up\nA:",
+    "Q: France\nA: Tokyo\n\nQ: Japan\nA:",
+    "Q: good\nA: lazy dog\n\nQ: fast\nA: bad\n\nQ: quick brown fox\nA: slow\n\nQ: day\nA:",
+]
+TARGETS = [" down", " Tokyo", " night"]
+FAMILIES = ["llama", "gpt2", "qwen2"]  # GQA nn.Linear, Conv1D, GQA with q/k/v biases
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _ids(tok, text):
+    return list(tok(text)["input_ids"])
+
+
+def _first(tok, target):
+    return tok(target, add_special_tokens=False)["input_ids"][0]
+
+
+def _forward_p(model, ids, target, layer=None, patch=None):
+    """p(target) at the last token of one unpadded prompt; ``patch(z)`` rewrites layer's o_proj input."""
+    handle = None
+    if patch is not None:
+        site = head_sites(model)[layer]
+        handle = site.module.register_forward_pre_hook(lambda mod, args: (patch(args[0]), *args[1:]))
+    try:
+        logits = model(input_ids=torch.tensor([ids])).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.softmax(logits[0, -1].double(), -1)[target]
+
+
+def _ref_means(model, tok, prompts):
+    """float64 [L, H*D]: mean over prompts of each o_proj input at the last token."""
+    sites = head_sites(model)
+    acc = torch.zeros(len(sites), sites[0].num_heads * sites[0].head_dim, dtype=torch.float64)
+    for p in prompts:
+        for layer in range(len(sites)):
+
+            def grab(z, layer=layer):
+                acc[layer] += z[0, -1].double()
+                return z
+
+            with torch.no_grad():
+                _forward_p(model, _ids(tok, p), 0, layer, grab)
+    return acc / len(prompts)
+
+
+def _ref_atp(model, tok, clean, corrupted, targets):
+    """float64 [N, L, H] by plain autograd: replace one layer's o_proj input by a leaf, differentiate."""
+    sites = head_sites(model)
+    L, H, D = len(sites), sites[0].num_heads, sites[0].head_dim
+    means = _ref_means(model, tok, clean)
+    out = torch.zeros(len(corrupted), L, H, dtype=torch.float64)
+    for i, (p, t) in enumerate(zip(corrupted, targets)):
+        for layer in range(L):
+            leaf = {}
+
+            def swap(z, leaf=leaf):
+                leaf["z"] = z.detach().clone().requires_grad_(True)
+                return leaf["z"]
+
+            prob = _forward_p(model, _ids(tok, p), _first(tok, t), layer, swap)
+            (g,) = torch.autograd.grad(prob, leaf["z"])
+            z_last, g_last = leaf["z"][0, -1].detach().double(), g[0, -1].double()
+            out[i, layer] = ((means[layer] - z_last) * g_last).view(H, D).sum(-1)
+    return out
+
+
+def _ref_exact(model, tok, clean, corrupted, targets, eps=1.0):
+    """float64 [N, L, H]: patch one head at a time, z_h[last] += eps * (mean_h - z_h[last])."""
+    sites = head_sites(model)
+    L, H, D = len(sites), sites[0].num_heads, sites[0].head_dim
+    means = _ref_means(model, tok, clean)
+    out = torch.zeros(len(corrupted), L, H, dtype=torch.float64)
+    with torch.no_grad():
+        for i, (p, t) in enumerate(zip(corrupted, targets)):
+            ids, tgt = _ids(tok, p), _first(tok, t)
+            base = _forward_p(model, ids, tgt)
+            for layer in range(L):
+                for h in range(H):
+                    sl = slice(h * D, (h + 1) * D)
+
+                    def patch(z, layer=layer, sl=sl):
+                        z = z.clone()
+                        cur = z[0, -1, sl].double()
+                        z[0, -1, sl] = (cur + eps * (means[layer, sl] - cur)).to(z.dtype)
+                        return z
+
+                    out[i, layer, h] = _forward_p(model, ids, tgt, layer, patch) - base
+    return out
+
+
+def _close(got, want, rel):
+    scale = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert scale > 0, "reference effects are all zero: the test cannot fail"
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel} x max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma"])  # gemma: multi-query, D = 24
+def test_atp_equals_plain_autograd(family, tok):
+    # Default backend: the Triton kernel (interpreted on CPU under the test suite).
+    model = tiny_model(family)
+    got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="atp", batch_size=3)
+    assert got.dtype == torch.float32 and got.shape == (3, *_lh(model))
+    _close(got, _ref_atp(model, tok, CLEAN, CORRUPTED, TARGETS), rel=1e-4)
+
+
+def _lh(model):
+    sites = head_sites(model)
+    return len(sites), sites[0].num_heads
+
+
+@pytest.mark.parametrize(
+    "family, dtype, rel",
+    [(f, torch.float64, 1e-6) for f in FAMILIES] + [("llama", torch.float32, 1e-4)],
+)
+def test_exact_batched_equals_one_head_at_a_time(family, dtype, rel, tok):
+    # float64 models make the comparison tight: the only fp32 step left is the returned tensor.
+    model = tiny_model(family, dtype=dtype)
+    want = _ref_exact(model, tok, CLEAN, CORRUPTED, TARGETS)
+    # 64 rows per pass packs all heads of this model and all three prompts into a few passes;
+    # 5 splits a batch's heads across passes; 1 patches one head of one prompt per pass.
+    for bs in (64, 5, 1):
+        got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact", batch_size=bs)
+        _close(got, want, rel=rel)
+
+
+def test_finite_difference_approaches_atp(tok, monkeypatch):
+    """Scale the patch by eps: exact effect / eps -> AtP score, with an error shrinking like eps.
+
+    GPT-2 in float64 keeps every op in float64 (Llama's RMSNorm upcasts to fp32 only, which
+    floors the finite differences near eps = 1e-2).
+    """
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("gpt2", dtype=torch.float64)
+    atp = indirect_effects(model, tok, CLEAN[:2], CORRUPTED[:2], TARGETS[:2]).double()
+    errs = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        fd = _ref_exact(model, tok, CLEAN[:2], CORRUPTED[:2], TARGETS[:2], eps=eps) / eps
+        errs.append((fd - atp).abs().max().item())
+    scale = atp.abs().max().item()
+    assert errs[-1] < 1e-4 * scale, (errs, scale)
+    assert errs[0] / errs[1] > 5 and errs[1] / errs[2] > 5, f"error does not shrink like eps: {errs}"
+
+
+@pytest.mark.parametrize("method", ["atp", "exact"])
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+def test_padded_batches_equal_singletons(method, dtype, rel, tok, monkeypatch):
+    # fp32 effects are differences of probabilities ~2e-3 that differ by ~1e-5, so batch-shape
+    # rounding (~1e-9) is ~1e-4 of them; float64 shows the padding itself changes nothing.
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("gpt2", dtype=dtype)  # absolute positions: right padding must not shift anything
+    batched = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method=method, batch_size=64)
+    lengths = {len(_ids(tok, p)) for p in CORRUPTED}
+    assert len(lengths) == 3, "prompts must differ in length for this test to pad"
+    single = torch.cat(
+        [indirect_effects(model, tok, CLEAN, [p], [t], method=method, batch_size=1) for p, t in zip(CORRUPTED, TARGETS)]
+    )
+    _close(batched, single.double(), rel=rel)
+
+
+def test_token_ids_are_used_as_given(tok, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("llama")
+    by_text = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS)
+    clean_ids = [_ids(tok, p) for p in CLEAN]
+    corr_ids = [torch.tensor(_ids(tok, p)) for p in CORRUPTED]
+    target_ids = [[_first(tok, t), 7] for t in TARGETS]  # only the first token counts
+    by_ids = indirect_effects(model, tok, clean_ids, corr_ids, target_ids)
+    torch.testing.assert_close(by_ids, by_text, rtol=1e-5, atol=1e-9)
+    # Dropping the BOS changes the input, so the scores must change too.
+    no_bos = indirect_effects(model, tok, [c[1:] for c in clean_ids], [c[1:] for c in corr_ids], target_ids)
+    assert (no_bos - by_text).abs().max() > 1e-4 * by_text.abs().max()
+
+
+def test_mean_activations_match_reference(tok):
+    model = tiny_model("qwen2")
+    got = mean_activations(model, tok, CLEAN, batch_size=2)
+    want = _ref_means(model, tok, CLEAN)
+    torch.testing.assert_close(torch.stack(got).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_model_state_is_restored(tok, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("llama")
+    model.train()
+    model.model.layers[0].eval()  # a mixed state must come back as it was
+    model.lm_head.weight.requires_grad_(False)
+    training = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    for method in ("atp", "exact"):
+        indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method=method)
+    assert {n: m.training for n, m in model.named_modules()} == training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, before[n]), n
+
+
+def test_hooks_removed_after_an_error(tok):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="out of range"):
+        indirect_effects(model, tok, CLEAN, CORRUPTED, [10**6] * 3)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_atp_under_callers_no_grad_and_inference_mode(tok, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("llama")
+    want = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS)
+    with torch.no_grad():
+        got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS)
+    torch.testing.assert_close(got, want)
+    with torch.inference_mode():
+        got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS)
+    torch.testing.assert_close(got, want)
+
+
+def test_bf16_model_scores_follow_fp32(tok, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    fp32 = indirect_effects(tiny_model("llama"), tok, CLEAN, CORRUPTED, TARGETS)
+    bf16 = indirect_effects(tiny_model("llama", dtype=torch.bfloat16), tok, CLEAN, CORRUPTED, TARGETS)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    corr = torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]))[0, 1]
+    assert corr > 0.99, corr
+
+
+def test_bad_inputs(tok):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="method"):
+        indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="fast")
+    with pytest.raises(ValueError, match="clean_prompts is empty"):
+        indirect_effects(model, tok, [], CORRUPTED, TARGETS)
+    with pytest.raises(ValueError, match="corrupted_prompts is empty"):
+        indirect_effects(model, tok, CLEAN, [], [])
+    with pytest.raises(ValueError, match="2 targets for 3 corrupted"):
+        indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS[:2])
+    with pytest.raises(ValueError, match="single prompt"):
+        indirect_effects(model, tok, CLEAN[0], CORRUPTED, TARGETS)
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        indirect_effects(model, tok, CLEAN, CORRUPTED, ["", " a", " b"])
+    with pytest.raises(ValueError, match="empty token-id list"):
+        indirect_effects(model, tok, [[]], CORRUPTED, TARGETS)
+    with pytest.raises(ValueError, match="batch_size"):
+        indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, batch_size=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_peft_wrapped_model(tok, monkeypatch):
+    """Hooks sit on the LoRA wrapper of o_proj; a fresh adapter (B = 0) leaves every score as is."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    base = tiny_model("llama")
+    want = {m: indirect_effects(base, tok, CLEAN, CORRUPTED, TARGETS, method=m) for m in ("atp", "exact")}
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["o_proj", "q_proj"]))
+    for m in ("atp", "exact"):
+        got = indirect_effects(wrapped, tok, CLEAN, CORRUPTED, TARGETS, method=m)
+        torch.testing.assert_close(got, want[m], rtol=1e-4, atol=1e-9)
+    assert all(not mod._forward_pre_hooks for mod in wrapped.modules())
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)

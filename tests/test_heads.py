@@ -1,0 +1,315 @@
+"""soteria.heads (HeadScores, find_heads) and soteria.cache."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+import soteria
+from soteria import cache
+from soteria.arch import head_sites
+from soteria.attribution import indirect_effects
+from soteria.heads import HeadScores, HeadSet, find_heads
+from soteria.prompts import build_prompts
+from soteria.tiny import tiny_model, tiny_tokenizer
+
+ANTONYMS = [
+    {"input": a, "output": b}
+    for a, b in [
+        ("hot", "cold"),
+        ("big", "small"),
+        ("up", "down"),
+        ("good", "bad"),
+        ("fast", "slow"),
+        ("day", "night"),
+        ("open", "closed"),
+        ("old", "new"),
+        ("high", "low"),
+        ("early", "late"),
+    ]
+]
+CAPITALS = [
+    {"input": a, "output": b}
+    for a, b in [
+        ("France", "Paris"),
+        ("Japan", "Tokyo"),
+        ("Germany", "Berlin"),
+        ("Spain", "Madrid"),
+        ("Egypt", "Cairo"),
+        ("Italy", "Rome"),
+        ("Peru", "Lima"),
+        ("Kenya", "Nairobi"),
+        ("Cuba", "Havana"),
+        ("Chile", "Santiago"),
+    ]
+]
+TASKS = {"antonym": ANTONYMS, "capital": CAPITALS}
+SMALL = dict(tasks=TASKS, n_shots=3, n_trials=4, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+
+
+def _scores(values, lang="xx", **kw):
+    return HeadScores(torch.tensor(values, dtype=torch.float32), model_name="tiny", lang=lang, **kw)
+
+
+# --------------------------------------------------------------------------- HeadScores
+
+
+def test_top_int_fraction_and_ties():
+    s = _scores([[0.1, 0.5, -0.2], [0.5, 0.0, 0.3]])
+    assert s.top(1) == [(0, 1)]
+    assert s.top(3) == [(0, 1), (1, 0), (1, 2)]  # the 0.5 tie goes to the lower (layer, head)
+    assert s.top(6)[-1] == (0, 2)
+    assert s.top(0.5) == s.top(3)
+    assert s.top(1.0) == s.top(6)
+    assert s.top(0.01) == [(0, 1)]  # at least one head
+    for bad in (0, 7, -1, 0.0, 1.5, True, "3", None):
+        with pytest.raises(ValueError, match="k"):
+            s.top(bad)
+
+
+def test_scores_validation():
+    with pytest.raises(ValueError, match="layers, heads"):
+        HeadScores(torch.zeros(4))
+    with pytest.raises(ValueError, match="NaN"):
+        HeadScores(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="per_task"):
+        HeadScores(torch.zeros(2, 2), per_task={"a": torch.zeros(2, 3)})
+    s = HeadScores([[1, 2], [3, 4]])
+    assert s.scores.dtype == torch.float32 and s.shape == (2, 2)
+
+
+def test_save_load_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    s = HeadScores(
+        torch.randn(3, 5, generator=g),
+        model_name="org/model",
+        lang="fr",
+        method="exact",
+        settings={"n_shots": 3, "tasks": ["a", "b"]},
+        per_task={"a": torch.randn(3, 5, generator=g), "b": torch.randn(3, 5, generator=g)},
+    )
+    path = s.save(tmp_path / "sub" / "fr.json")
+    doc = json.loads(path.read_text())
+    assert list(doc) == sorted(doc), "keys must be sorted"
+    assert doc["format"] == "soteria.HeadScores" and doc["soteria_version"] == soteria.__version__
+    back = HeadScores.load(path)
+    assert torch.equal(back.scores, s.scores)  # float32 survives JSON exactly
+    assert back.per_task.keys() == s.per_task.keys()
+    assert all(torch.equal(back.per_task[n], s.per_task[n]) for n in s.per_task)
+    assert (back.model_name, back.lang, back.method, back.settings) == (
+        s.model_name,
+        s.lang,
+        s.method,
+        s.settings,
+    )
+    assert [p.name for p in path.parent.iterdir()] == ["fr.json"], "temp files left behind"
+
+
+def test_load_rejects_other_files(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        HeadScores.load(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a soteria.HeadScores"):
+        HeadScores.load(tmp_path / "b.json")
+
+
+def test_plot_writes_png(tmp_path):
+    s = _scores(torch.randn(4, 6).tolist())
+    for k in (None, 5):
+        path = s.plot(tmp_path / f"heat{k}.png", k=k)
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat5.png", "heatNone.png"]
+
+
+def test_combine_mean():
+    a = _scores([[1.0, 0.0], [0.0, 2.0]], lang="en")
+    b = _scores([[3.0, 0.0], [2.0, 0.0]], lang="de")
+    m = HeadScores.combine([a, b], how="mean")
+    assert isinstance(m, HeadScores)
+    assert torch.equal(m.scores, torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+    assert m.lang == "en+de" and m.top(1) == [(0, 0)]
+    with pytest.raises(ValueError, match="majority"):
+        HeadScores.combine([a, b], how="mean", k=2)
+
+
+def test_combine_majority_votes():
+    # Five languages over a 2 x 3 grid; each votes for its top 2.
+    grids = [
+        [[9, 8, 0], [0, 0, 0]],  # (0,0) (0,1)
+        [[9, 0, 8], [0, 0, 0]],  # (0,0) (0,2)
+        [[0, 8, 0], [9, 0, 0]],  # (1,0) (0,1)
+        [[7, 9, 0], [0, 0, 0]],  # (0,1) (0,0)
+        [[0, 0, 9], [8, 0, 0]],  # (0,2) (1,0)
+    ]
+    langs = ["en", "es", "de", "fr", "zh"]
+    scores = [_scores(g, lang=lang) for g, lang in zip(grids, langs)]
+    hs = HeadScores.combine(scores, how="majority", k=2)  # default: strict majority, 3 of 5
+    assert isinstance(hs, HeadSet)
+    assert hs.min_votes == 3 and hs.k == 2 and hs.langs == tuple(langs)
+    # (0,0) and (0,1): 3 votes each and the same mean score (5.0): (layer, head) decides.
+    assert hs.to_list() == [(0, 0), (0, 1)] and hs.votes == (3, 3)
+    hs2 = HeadScores.combine(scores, how="majority", k=2, min_votes=2)
+    assert hs2.to_list() == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert hs2.votes == (3, 3, 2, 2)
+    assert (0, 2) in hs2 and (1, 1) not in hs2 and len(hs2) == 4
+    # Equal votes, unequal means: the higher mean goes first, against (layer, head) order.
+    scores[4] = _scores([[0, 0, 1], [9, 0, 0]], lang="zh")  # zh still votes (1,0) and (0,2)
+    hs3 = HeadScores.combine(scores, how="majority", k=2, min_votes=2)
+    assert hs3.to_list() == [(0, 0), (0, 1), (1, 0), (0, 2)]  # means 3.6 > 1.8
+    # The reference's low group: 3 languages, 2 votes.
+    assert HeadScores.combine(scores[:3], how="majority", k=2).min_votes == 2
+
+
+def test_combine_errors():
+    a, b = _scores([[1.0, 0.0]]), _scores([[1.0], [0.0]])
+    with pytest.raises(ValueError, match="differ in shape"):
+        HeadScores.combine([a, b])
+    with pytest.raises(ValueError, match="at least one"):
+        HeadScores.combine([])
+    with pytest.raises(ValueError, match="needs k"):
+        HeadScores.combine([a, a], how="majority")
+    with pytest.raises(ValueError, match="min_votes"):
+        HeadScores.combine([a, a], how="majority", k=1, min_votes=3)
+    with pytest.raises(ValueError, match="out of range"):
+        HeadScores.combine([a, a], how="majority", k=3)
+    with pytest.raises(ValueError, match="how"):
+        HeadScores.combine([a, a], how="union", k=1)
+    with pytest.raises(ValueError, match="not a HeadScores"):
+        HeadScores.combine([a, a.scores])
+
+
+# --------------------------------------------------------------------------- find_heads
+
+
+def test_find_heads_averages_trials_then_tasks(tok):
+    model = tiny_model("llama")
+    res = find_heads(model, tok, "xx", cache=False, **SMALL)
+    L, H = len(head_sites(model)), head_sites(model)[0].num_heads
+    assert res.scores.shape == (L, H) and res.scores.dtype == torch.float32
+    assert res.lang == "xx" and res.method == "atp" and set(res.per_task) == set(TASKS)
+    assert res.settings["n_shots"] == 3 and res.settings["trials"] == {"antonym": 4, "capital": 4}
+    per_task = {}
+    for name, pairs in TASKS.items():
+        pp = build_prompts(pairs, tok, n_shots=3, n_trials=4, seed=0)
+        per_task[name] = indirect_effects(model, tok, pp.clean, pp.corrupted, pp.target_ids).mean(0)
+        torch.testing.assert_close(res.per_task[name], per_task[name])
+    torch.testing.assert_close(res.scores, (per_task["antonym"] + per_task["capital"]) / 2)
+    assert res.scores.abs().max() > 0
+
+
+def test_find_heads_exact_agrees_with_atp(tok):
+    model = tiny_model("gpt2")
+    atp = find_heads(model, tok, "xx", cache=False, **SMALL)
+    exact = find_heads(model, tok, "xx", method="exact", cache=False, **SMALL)
+    assert exact.method == "exact"
+    corr = torch.corrcoef(torch.stack([atp.scores.flatten(), exact.scores.flatten()]))[0, 1]
+    assert corr > 0.95, corr
+
+
+def test_find_heads_builtin_language(tok):
+    res = find_heads(tiny_model("qwen2"), tok, "en", tasks=["antonym"], n_shots=2, n_trials=2, progress=False)
+    assert res.lang == "en" and list(res.per_task) == ["antonym"] and res.settings["tasks"] == ["antonym"]
+
+
+def test_find_heads_cache(tok, monkeypatch, tmp_path):
+    monkeypatch.setenv("SOTERIA_CACHE_DIR", str(tmp_path / "c"))
+    model = tiny_model("llama")
+    first = find_heads(model, tok, "xx", **SMALL)
+    files = list((tmp_path / "c" / "heads").glob("*.json"))
+    assert len(files) == 1
+
+    import soteria.attribution as attribution
+
+    def boom(*a, **k):
+        raise AssertionError("cache miss: indirect_effects was called")
+
+    monkeypatch.setattr(attribution, "indirect_effects", boom)
+    hit = find_heads(model, tok, "xx", **SMALL)
+    assert torch.equal(hit.scores, first.scores)
+    with pytest.raises(AssertionError, match="cache miss"):
+        find_heads(model, tok, "xx", **SMALL, cache=False)
+    with pytest.raises(AssertionError, match="cache miss"):  # other settings -> other key
+        find_heads(model, tok, "xx", **{**SMALL, "seed": 1})
+    with pytest.raises(AssertionError, match="cache miss"):
+        find_heads(model, tok, "xx", method="exact", **SMALL)
+    # A steered model (one o_proj element changed) must not read the unsteered scores.
+    with torch.no_grad():
+        head_sites(model)[1].weight[3, 5] += 1e-3
+    with pytest.raises(AssertionError, match="cache miss"):
+        find_heads(model, tok, "xx", **SMALL)
+
+
+def test_fingerprint(tok):
+    a, b = tiny_model("gpt2"), tiny_model("gpt2")
+    fa = cache.model_fingerprint(a)
+    assert fa == cache.model_fingerprint(b)
+    site = head_sites(a)[0]
+    assert site.head_axis == 0  # Conv1D: hashed in full whatever the layout
+    with torch.no_grad():
+        site.weight[-1, -1] += 1e-6  # an element a strided sample would likely miss
+    assert cache.model_fingerprint(a) != fa
+    with torch.no_grad():
+        site.weight[-1, -1] -= 1e-6
+        assert cache.model_fingerprint(a) == fa
+        a.lm_head.weight[0, 0] += 1.0  # sampled tensors: element 0 is always in the sample
+    assert cache.model_fingerprint(a) != fa
+    assert cache.model_fingerprint(tiny_model("gpt2", seed=1)) != fa
+    assert cache.model_fingerprint(tiny_model("gpt2", dtype=torch.bfloat16)) != fa
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOTERIA_CACHE_DIR", str(tmp_path / "x"))
+    assert cache.cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("SOTERIA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "soteria"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "soteria"
+    assert cache.cache_key({"a": 1, "b": [2]}) == cache.cache_key({"b": [2], "a": 1})
+
+
+@pytest.mark.parametrize("method", ["atp", "exact"])
+def test_find_heads_progress_bar_counts_trials(tok, monkeypatch, method):
+    import tqdm.auto
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            self.asked_disable = kwargs.get("disable")
+            kwargs.update(disable=False, file=io.StringIO())
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    model = tiny_model("gpt2")
+    find_heads(model, tok, "xx", method=method, cache=False, **{**SMALL, "progress": True})
+    find_heads(model, tok, "xx", method=method, cache=False, **SMALL)
+    assert [b.asked_disable for b in bars] == [None, True]  # None: hidden when not a terminal
+    assert bars[0].total == 8 and bars[0].n == pytest.approx(8)
+
+
+def test_find_heads_bad_input(tok):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="method"):
+        find_heads(model, tok, "xx", method="fast", **SMALL)
+    with pytest.raises(ValueError, match="language|lang"):
+        find_heads(model, tok, "xx-unknown", n_shots=2, n_trials=2, progress=False)
+    with pytest.raises(ValueError, match="n_trials"):
+        find_heads(model, tok, "xx", **{**SMALL, "n_trials": 0})
