@@ -14,6 +14,13 @@ from pathlib import Path
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """User mistakes and Hub refusals (bad token, missing repo): one line, exit 2."""
+    from soteria.export import SoteriaHubError
+
+    return (*USER_ERRORS, SoteriaHubError)
+
+
 def _dtype(name: str):
     import torch
 
@@ -157,16 +164,18 @@ def cmd_steer(args) -> int:
         print(f"steered {len(config.head_union)} heads for {', '.join(langs)}")
     print(f"wrote {out}")
     if args.push:
-        url = push_to_hub(out, args.push, private=not args.public, token=args.token)
-        print(f"pushed to {url}")
+        info = push_to_hub(out, args.push, private=not args.public, token=args.token)
+        print(f"pushed to {getattr(info, 'commit_url', None) or args.push}")
     return 0
 
 
 def cmd_push(args) -> int:
     from soteria.export import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=not args.public, token=args.token, commit_message=args.message)
-    print(f"pushed {args.folder} to {url}")
+    info = push_to_hub(
+        args.folder, args.repo_id, private=not args.public, token=args.token, commit_message=args.message
+    )
+    print(f"pushed {args.folder} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
 
 
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         if os.environ.get("SOTERIA_DEBUG"):
             raise
         msg = str(e)

@@ -127,3 +127,51 @@ def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "['hi', 'bn']" in proc.stdout
+
+
+def test_steer_streaming_then_push(tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from soteria.tiny import tiny_model
+
+    base_dir, harmful_dir, out_dir = tmp_path / "base", tmp_path / "harmful", tmp_path / "out"
+    tiny_model("llama").save_pretrained(base_dir, max_shard_size="40KB")
+    harmful = tiny_model("llama", seed=1)
+    harmful.save_pretrained(harmful_dir)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in base_dir.iterdir()}
+
+    code, out, err = _run(
+        capsys, "steer", str(base_dir), "--streaming", "--langs", "hi", "bn", "--heads", "0:1,1:2",
+        "--harm", str(harmful_dir), "--scale", "hi=0.5,bn=0.25", "--out", str(out_dir),
+    )  # fmt: skip
+    assert code == 0, err
+    config = json.loads((out_dir / "soteria_config.json").read_text())
+    assert config["languages"] == ["hi", "bn"]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in base_dir.iterdir()} == digest
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
+    code, out, err = _run(capsys, "push", str(out_dir), "me/tiny-soteria")
+    assert code == 0, err
+    assert calls["create"][0] == "me/tiny-soteria" and calls["create"][1]["private"] is True
+    assert calls["upload"]["folder_path"] in (str(out_dir), out_dir)
+
+    def refuse(self, repo_id, **kw):
+        raise HfHubHTTPError("401 Client Error: Unauthorized", response=mock_response(401))
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    code, _, err = _run(capsys, "push", str(out_dir), "me/tiny-soteria")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def mock_response(status: int):
+    from unittest import mock
+
+    response = mock.Mock()
+    response.status_code = status
+    response.headers = {}
+    return response

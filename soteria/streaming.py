@@ -1,0 +1,638 @@
+"""Steer a safetensors checkpoint on disk, one output projection at a time, without building the model.
+
+:func:`steer_checkpoint` reads the architecture from ``config.json`` (the model skeleton is
+built on the ``meta`` device, so no weight is allocated, and :func:`soteria.arch.head_sites`
+names each layer's output projection, ``H``, ``D`` and the head axis), then writes every shard
+anew: the original header with ``soteria_config`` added to its metadata, the untouched tensor
+bytes copied through by the kernel (``os.copy_file_range``), and each edited output projection
+read, steered with the same kernel as :meth:`soteria.SoteriaPatcher.apply`, and written back.
+
+Memory: one edited tensor, its harmful counterpart (or fp32 ``tau``) and a fixed-size block of
+kernel temporaries (``_CHUNK_BYTES``, 4 MiB); untouched bytes never enter the process. A
+Llama-70B o_proj is 8192 x 8192 bf16 = 128 MiB, so a 70B checkpoint is steered in well under
+1 GiB (``tests/test_streaming.py`` measures the peak in a subprocess).
+
+Output: the tensors are bit-identical to loading the model, applying the same edit in memory
+and saving it with :func:`soteria.save_steered`; when the base checkpoint was itself written by
+``save_pretrained`` with the same ``max_shard_size``, whole shard files are byte-identical too.
+The output directory appears atomically (:func:`soteria.atomic.atomic_directory`); the source
+is opened read-only and never modified.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "INDEX_NAME",
+    "METADATA_KEY",
+    "SafetensorsFile",
+    "add_metadata",
+    "checkpoint_shards",
+    "encode_header",
+    "read_safetensors",
+    "steer_checkpoint",
+    "write_safetensors",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+#: Key of the JSON-encoded :class:`soteria.SoteriaConfig` in each shard's ``__metadata__``.
+METADATA_KEY = "soteria_config"
+
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_EDITABLE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # the kernels' dtypes
+#: Bytes of fp32 kernel temporaries per block: the edit runs over blocks of the non-head axis.
+_CHUNK_BYTES = 4 << 20
+_COPY_CHUNK = 8 << 20
+# Weights in other formats would ship the unsteered model next to the steered one: not carried over.
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".tflite", ".ot", ".npz")
+_SKIP_DIRS = {".git", ".cache"}
+
+
+# --------------------------------------------------------------------------- safetensors files
+
+
+@dataclass
+class SafetensorsFile:
+    """A parsed safetensors file: ``header`` (JSON, file order, ``__metadata__`` included) and
+    ``data_start`` (byte offset of the data section, ``8 + header length``)."""
+
+    path: Path
+    header: dict[str, Any]
+    data_start: int
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.get("__metadata__") or {})
+
+    def tensors(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(name, {"dtype", "shape", "data_offsets"})`` in data order."""
+        items = [(k, v) for k, v in self.header.items() if k != "__metadata__"]
+        return sorted(items, key=lambda kv: kv[1]["data_offsets"][0])
+
+    def numel(self) -> int:
+        return sum(_numel(info["shape"]) for _, info in self.tensors())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    """Parse and validate a safetensors header (no tensor data is read). ValueError names the defect."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000 or 8 + n > size:
+            raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{path}: __metadata__ must map str to str")
+    sf = SafetensorsFile(path, header, 8 + n)
+    end = 0
+    for name, info in sf.tensors():
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if dtype not in _ITEMSIZE:
+            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if a != end or b - a != _numel(shape) * _ITEMSIZE[dtype]:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[a, b]} inconsistent with its layout")
+        end = b
+    if sf.data_start + end != size:
+        raise ValueError(f"{path}: data section is {size - sf.data_start} bytes, the header describes {end}")
+    return sf
+
+
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    """8-byte little-endian length + compact JSON (``__metadata__`` first), space-padded to 8 bytes,
+    as the safetensors library writes it."""
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = header["__metadata__"]
+    ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
+    raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel where possible)."""
+    fast = hasattr(os, "copy_file_range")
+    while count > 0:
+        if fast:
+            try:
+                n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                fast = False
+                continue
+        else:
+            chunk = os.pread(src, min(count, _COPY_CHUNK), offset)
+            _write_all(dst, chunk)
+            n = len(chunk)
+        if n == 0:
+            raise OSError(f"unexpected end of file while copying ({count} bytes left)")
+        offset += n
+        count -= n
+
+
+def _read_bytes(fd: int, offset: int, n: int) -> torch.Tensor:
+    buf = torch.empty(n, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            raise OSError(f"unexpected end of file reading {n} bytes at {offset}")
+        got += k
+    return buf
+
+
+def write_safetensors(
+    src: SafetensorsFile,
+    dst: str | os.PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    edits: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
+) -> None:
+    """Write ``src`` to the new file ``dst`` with its header kept (tensor order and offsets) and
+    ``metadata`` as ``__metadata__`` (None: unchanged).
+
+    Tensors named in ``edits`` are read one at a time (as ``[shape]`` tensors of their dtype,
+    which must be F32/F16/BF16), passed to their callable, which edits them in place, and
+    written; all other bytes are copied through unchanged. ``dst`` must not exist; fsynced.
+    """
+    edits = dict(edits or {})
+    header = dict(src.header)
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    missing = sorted(set(edits) - set(header))
+    if missing:
+        raise ValueError(f"{src.path} has no tensors {missing}")
+    fin = os.open(src.path, os.O_RDONLY)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            _write_all(fout, encode_header(header))
+            pending: list[int] | None = None  # [start, end) of untouched bytes not yet copied
+            for name, info in src.tensors():
+                a, b = info["data_offsets"]
+                if name not in edits:
+                    pending = [pending[0], b] if pending else [a, b]
+                    continue
+                if pending:
+                    _copy_range(fin, fout, src.data_start + pending[0], pending[1] - pending[0])
+                    pending = None
+                if info["dtype"] not in _EDITABLE:
+                    raise ValueError(f"{src.path}: tensor {name!r} is {info['dtype']}; only F32/F16/BF16 can be edited")
+                buf = _read_bytes(fin, src.data_start + a, b - a)
+                edits[name](buf.view(_EDITABLE[info["dtype"]]).view([int(s) for s in info["shape"]]))
+                _write_all(fout, buf.numpy())
+                del buf
+            if pending:
+                _copy_range(fin, fout, src.data_start + pending[0], pending[1] - pending[0])
+            os.fsync(fout)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def add_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """Add ``metadata`` entries to the ``__metadata__`` of safetensors file ``path``: rewrites the
+    file through a temporary sibling (the data bytes are copied, not re-encoded) and replaces it."""
+    from .atomic import _sibling
+
+    path = Path(path)
+    src = read_safetensors(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        write_safetensors(src, tmp, metadata={**src.metadata, **metadata})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- checkpoint layout
+
+
+def checkpoint_shards(folder: Path) -> tuple[dict[str, str], dict[str, SafetensorsFile]]:
+    """``(weight_map, {file name: parsed file})`` of a safetensors checkpoint directory."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{index} is unreadable or has no weight_map") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has an empty or malformed weight_map")
+    elif (folder / SINGLE_NAME).is_file():
+        weight_map = None
+    else:
+        names = sorted(p.name for p in folder.iterdir())
+        hint = (
+            "only safetensors checkpoints can be steered on disk: re-save it with save_pretrained"
+            if any(n.endswith(_OTHER_WEIGHTS) for n in names)
+            else f"files found: {', '.join(names) or 'none'}"
+        )
+        raise FileNotFoundError(f"{folder} has neither {INDEX_NAME} nor {SINGLE_NAME}; {hint}")
+    files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+    shards = {}
+    for name in files:
+        p = folder / name
+        if not p.is_file():
+            raise FileNotFoundError(f"{folder}: the index lists shard {name!r}, which is missing")
+        shards[name] = read_safetensors(p)
+    if weight_map is None:
+        weight_map = {k: SINGLE_NAME for k, _ in shards[SINGLE_NAME].tensors()}
+    for key, name in weight_map.items():
+        if key not in shards[name].header:
+            raise ValueError(f"{folder}: the index puts {key!r} in {name}, which does not hold it")
+    return weight_map, shards
+
+
+def _find_key(param_name: str, layers_tail: str, prefix: str, available: Mapping[str, str]) -> str | None:
+    """Checkpoint key of a model parameter: exact, with/without the base-model prefix, or the one
+    key ending in ``.{layers_tail}`` (e.g. ``layers.3.self_attn.o_proj.weight``)."""
+    cands = [param_name]
+    if prefix:
+        cands.append(param_name[len(prefix) + 1 :] if param_name.startswith(prefix + ".") else f"{prefix}.{param_name}")
+    for c in cands:
+        if c in available:
+            return c
+    hits = [k for k in available if k == layers_tail or k.endswith("." + layers_tail)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _meta_model(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------- the edit
+
+
+def _edit_tensor(fn, w: torch.Tensor, operand: torch.Tensor, heads, scales, site, device: torch.device) -> None:
+    """``fn`` (a soteria_kernels masked head op) on ``w`` in place, over blocks of the non-head axis
+    on CPU (elementwise, so blocking changes no bit); whole-tensor on an accelerator."""
+    kw = dict(head_dim=site.head_dim, scale=scales, head_axis=site.head_axis)
+    if device.type != "cpu":
+        wd = w.to(device)
+        fn(wd, operand.to(device), heads, **kw)
+        w.copy_(wd.cpu())
+        return
+    other = 0 if site.head_axis % 2 == 1 else 1
+    n_other = w.shape[other]
+    step = max(1, _CHUNK_BYTES // (len(heads) * site.head_dim * 4 * 5))  # ~5 fp32 temporaries per element
+    for a in range(0, n_other, step):
+        n = min(step, n_other - a)
+        fn(w.narrow(other, a, n), operand.narrow(other, a, n), heads, **kw)
+
+
+@dataclass
+class _Plan:
+    base: Path
+    out: Path
+    config_json: dict[str, Any]
+    record: Any  # SoteriaConfig
+    shards: dict[str, SafetensorsFile]
+    edits: dict[str, dict[str, int]]  # shard file -> {checkpoint key: layer}
+    layers: dict[int, tuple[list[int], list[float]]]
+    sites: list
+    harm: Any  # HarmVector
+    n_changed: int
+    n_total: int
+
+
+def _check_paths(base: Path, out: Path, harm, overwrite: bool) -> None:
+    base_r, out_r = base.resolve(), out.resolve()
+    if out_r == base_r or base_r in out_r.parents:
+        raise ValueError(f"out_dir {out} must be outside base_dir {base}: the source is never written to")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose a new directory or pass overwrite=True")
+        if out_r in base_r.parents:
+            raise ValueError(f"overwrite=True would delete {out}, which contains base_dir {base}")
+    if isinstance(harm, (str, os.PathLike)) and Path(harm).exists():
+        harm_r = Path(harm).resolve()
+        if harm_r == out_r or (overwrite and out_r in harm_r.parents):
+            raise ValueError(f"out_dir {out} would replace the harmful checkpoint {harm}")
+
+
+def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code) -> _Plan:
+    from .arch import head_sites
+    from .config import SoteriaConfig
+    from .harm import HarmVector
+    from .steering import _check_heads, _check_langs, _check_scale
+
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"base_dir {base} is not a directory")
+    out = Path(os.path.abspath(out_dir))
+    _check_paths(base, out, harm, overwrite)
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{base} has no config.json")
+    config_json = json.loads(config_path.read_text(encoding="utf-8"))
+    if config_json.get("soteria") is not None:
+        raise ValueError(f"{base} is already steered by soteria (config.json has 'soteria'); start from the base model")
+    if config_json.get("quantization_config") is not None:
+        raise ValueError(f"{base} is quantized ({config_json['quantization_config'].get('quant_method')}); "
+                         "soteria edits float checkpoints only")  # fmt: skip
+    weight_map, shards = checkpoint_shards(base)
+
+    model = _meta_model(base, trust_remote_code)
+    sites = head_sites(model)
+    n_layers, n_heads = len(sites), sites[0].num_heads
+
+    if isinstance(heads, Mapping):
+        langs = _check_langs(list(heads) if langs is None else langs)
+    elif langs is None:
+        raise ValueError(
+            "heads is a list of (layer, head) pairs: pass langs= naming the languages they were chosen for, "
+            "or heads={lang: pairs}"
+        )
+    else:
+        langs = _check_langs(langs)
+    per_lang = _check_heads(heads, langs, n_layers, n_heads)
+    record = SoteriaConfig(
+        languages=langs,
+        heads=per_lang,
+        scale=_check_scale(scale, langs),
+        method="explicit",
+        top_k=None,
+        model_type=str(getattr(model.config, "model_type", "") or ""),
+    )
+    plan: dict[int, tuple[list[int], list[float]]] = {}
+    for (layer, head), s in record.head_scales().items():
+        plan.setdefault(layer, ([], []))
+        plan[layer][0].append(head)
+        plan[layer][1].append(s)
+
+    # Every checkpoint key, shape and dtype, before anything is written.
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    problems, edits, n_changed = [], {}, 0
+    for layer, (hs, _) in sorted(plan.items()):
+        site = sites[layer]
+        shared = names_of.get(id(site.weight), [])
+        if len(shared) > 1:
+            problems.append(
+                f"layer {layer}: {site.param_name} is shared with {shared[1:]}; editing it would change both"
+            )
+            continue
+        key = _find_key(site.param_name, _layers_tail(site.param_name, layer), prefix, weight_map)
+        if key is None:
+            problems.append(f"layer {layer}: no checkpoint tensor for {site.param_name}")
+            continue
+        info = shards[weight_map[key]].header[key]
+        shape = tuple(int(s) for s in info["shape"])
+        if shape != tuple(site.weight.shape):
+            problems.append(f"layer {layer}: {key} has shape {list(shape)}, config implies {list(site.weight.shape)}")
+        elif info["dtype"] not in _EDITABLE:
+            problems.append(f"layer {layer}: {key} is stored as {info['dtype']}; only F32/F16/BF16 can be steered")
+        edits.setdefault(weight_map[key], {})[key] = layer
+        other = site.weight.shape[0 if site.head_axis % 2 == 1 else 1]
+        n_changed += len(hs) * site.head_dim * int(other)
+    if problems:
+        raise ValueError(f"cannot steer {base}:\n  - " + "\n  - ".join(problems))
+
+    if isinstance(harm, (str, os.PathLike)):
+        harm = HarmVector.from_pretrained(harm, base=model)
+    elif not isinstance(harm, HarmVector):
+        raise ValueError(f"harm must be a HarmVector or a harmful checkpoint's path, got {type(harm).__name__}")
+    harm.check(model, layers=sorted(plan))
+    record.harm_source, record.harm_kind = harm.source, harm.kind
+    return _Plan(
+        base=base,
+        out=out,
+        config_json=config_json,
+        record=record,
+        shards=shards,
+        edits=edits,
+        layers=plan,
+        sites=sites,
+        harm=harm,
+        n_changed=n_changed,
+        n_total=sum(sf.numel() for sf in shards.values()),
+    )
+
+
+def _layers_tail(param_name: str, layer: int) -> str:
+    """``"layers.3.self_attn.o_proj.weight"`` from ``"model.layers.3.self_attn.o_proj.weight"``."""
+    parts = param_name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] == str(layer):
+            return ".".join(parts[i - 1 :])
+    return param_name
+
+
+def steer_checkpoint(
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    heads: Mapping[str, list] | list,
+    harm,
+    scale: float | dict[str, float] = 1.0,
+    langs: str | list[str] | None = None,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a steered copy of the safetensors checkpoint ``base_dir`` to ``out_dir``; return ``out_dir``.
+
+    Args:
+        heads: ``{lang: [(layer, head), ...]}``, or one list of pairs for every language in ``langs``.
+        harm: a harmful fine-tune's directory / safetensors file / saved vector (read with
+            :meth:`soteria.HarmVector.from_pretrained`, output projections only), or a HarmVector.
+        scale: ``lambda``, one float or ``{lang: float}`` (a shared head takes the largest).
+        langs: the languages, needed when ``heads`` is a list.
+        overwrite: replace an existing ``out_dir`` (the old one is kept if this run fails).
+        base_model, repo_id: Hub ids for the model card (``base_model`` in its YAML header; the
+            id in its loading snippet). Default: ``config.json``'s ``_name_or_path`` if it looks
+            like a Hub id; ``out_dir``'s name.
+        device: where the kernel runs (``"cuda"``: Triton); tensors are read and written on CPU.
+            The result is bit-identical to ``SoteriaPatcher.apply`` on a model on the same kind of
+            device (CPU and GPU kernels may round a few elements differently).
+        progress: a tqdm bar over shards.
+
+    Every file of ``base_dir`` is carried over (shards rewritten as described in the module
+    docstring; ``config.json`` gains ``"soteria"``; ``README.md`` is replaced by the model card;
+    ``soteria_config.json`` is added), except weights in other formats (``*.bin``, ``*.pth``,
+    safetensors files outside the index...), which would hold the unsteered weights: they are
+    left out with a warning. Everything (heads, keys, shapes, dtypes, the harm vector's fit) is
+    checked before anything is written; NaN/Inf in a harmful tensor is found when it is read
+    and aborts the run. No output appears unless the whole run succeeds.
+    """
+    from tqdm.auto import tqdm
+
+    from .atomic import atomic_directory
+
+    device = torch.device(device)
+    plan = _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code)
+    meta = {METADATA_KEY: plan.record.to_json(indent=None)}
+    shard_names = set(plan.shards)
+    skipped: list[str] = []
+    with atomic_directory(plan.out, overwrite=overwrite) as tmp:
+        _carry_files(plan.base, tmp, shard_names, skipped)
+        for name in tqdm(sorted(shard_names), desc="steer shards", unit="shard", disable=None if progress else True):
+            dst = tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            edits = {key: _editor(plan, layer, device) for key, layer in plan.edits.get(name, {}).items()}
+            write_safetensors(plan.shards[name], dst, metadata={**plan.shards[name].metadata, **meta}, edits=edits)
+        _write_records(plan, tmp, base_model, repo_id)
+    if skipped:
+        warnings.warn(
+            f"steer_checkpoint left out {len(skipped)} weight file(s) in other formats, which would hold the "
+            f"unsteered weights: {', '.join(skipped)}",
+            stacklevel=2,
+        )
+    return plan.out
+
+
+def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Tensor], None]:
+    import soteria_kernels as k
+
+    from .steering import _operand_dtype
+
+    hs, ss = plan.layers[layer]
+    site = plan.sites[layer]
+    fn = k.masked_head_steer_ if plan.harm.kind == "harmful" else k.masked_head_update_
+
+    def edit(w: torch.Tensor) -> None:
+        # The operand exactly as SoteriaPatcher.apply prepares it, so the result is bit-identical.
+        operand = _harm_tensor(plan.harm, layer).to(dtype=_operand_dtype(plan.harm, w))
+        _edit_tensor(fn, w, operand, hs, ss, site, device)
+
+    return edit
+
+
+def _harm_tensor(harm, layer: int) -> torch.Tensor:
+    """``harm.tensor(layer)``; for a vector read lazily from safetensors, the bytes are read here
+    straight into one tensor and checked for NaN/Inf in blocks, so reading costs one tensor of
+    memory (safetensors' reader and a whole-tensor isfinite would take about three)."""
+    lazy = getattr(harm, "_lazy", None)  # HarmVector's lazy reader: {layer: (file, key)}
+    if lazy is None or layer not in lazy.locations:
+        return harm.tensor(layer)
+    file, key = lazy.locations[layer]
+    sf = read_safetensors(file)
+    info = sf.header[key]
+    dtype = {**_EDITABLE, "F64": torch.float64}.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"tensor {key!r} in {file} has dtype {info['dtype']}, not a float type")
+    a, b = info["data_offsets"]
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        t = _read_bytes(fd, sf.data_start + a, b - a).view(dtype).view([int(v) for v in info["shape"]])
+    finally:
+        os.close(fd)
+    rows = max(1, (1 << 20) // max(1, t[0].numel()))
+    for r in range(0, t.shape[0], rows):
+        block = t[r : r + rows]
+        if not bool(torch.isfinite(block).all()):
+            bad = ~torch.isfinite(block)
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            first = (first[0] + r, *first[1:])
+            raise ValueError(
+                f"tensor {key!r} in {file} holds NaN/Inf values (first at index {first}: {t[first].item()})"
+            )
+    lazy.tensors_read.append(key)
+    lazy.bytes_read += b - a
+    return t
+
+
+def _carry_files(base: Path, tmp: Path, shard_names: set[str], skipped: list[str]) -> None:
+    """Copy every file of ``base`` except shards, config.json and README.md (written separately);
+    weights in other formats go to ``skipped``."""
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        rel_dir = Path(dirpath).relative_to(base)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        for fname in sorted(filenames):
+            rel = (rel_dir / fname).as_posix()
+            if rel in shard_names or rel in ("config.json", "README.md"):
+                continue
+            if fname.endswith(_OTHER_WEIGHTS) or fname.endswith(".safetensors"):
+                skipped.append(rel)
+                continue
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(dirpath) / fname, dst)  # follows symlinks (Hub cache snapshots)
+
+
+def _write_records(plan: _Plan, tmp: Path, base_model: str | None, repo_id: str | None) -> None:
+    from .export import model_card, write_soteria_config
+
+    config_json = dict(plan.config_json)
+    config_json["soteria"] = plan.record.to_dict()
+    (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_soteria_config(tmp, plan.record)
+    if base_model is None:
+        base_model = _hub_id(config_json.get("_name_or_path"))
+    card = model_card(
+        plan.record,
+        base_model=base_model,
+        model_id=repo_id or plan.out.name,
+        n_changed=plan.n_changed,
+        n_total=plan.n_total,
+        how="by streaming the checkpoint (soteria.steer_checkpoint)",
+    )
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+
+
+def _hub_id(name: Any) -> str | None:
+    """``name`` if it looks like a Hub repo id (``org/model``) and is not a local path."""
+    if not isinstance(name, str) or not name or os.path.exists(name):
+        return None
+    parts = name.split("/")
+    ok = len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
+    return name if ok else None
