@@ -3,7 +3,8 @@
 - :func:`atomic_directory`: build a directory under a temporary name beside the target, fsync
   it, then rename it into place. Any exception (``KeyboardInterrupt`` included) removes the
   temporary directory and leaves the target as it was.
-- :func:`atomic_write_bytes` / :func:`atomic_write_text`: the same for one file (``os.replace``).
+- :func:`atomic_file`: the same for one file (``os.replace``); :func:`atomic_write_bytes` /
+  :func:`atomic_write_text` write given contents through it.
 
 The temporary names start with ``.`` and the target's name (``.out.tmp-1a2b3c4d``), so a
 process killed with SIGKILL leaves at worst a hidden, clearly named leftover, never a
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_text", "fsync_tree"]
+__all__ = ["atomic_directory", "atomic_file", "atomic_write_bytes", "atomic_write_text", "fsync_tree"]
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -96,21 +97,32 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{target} exists and is not a directory; overwrite=True replaces directories only")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling, fsync, ``os.replace``."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    r"""Yield a temporary sibling path to write; on success it is fsynced and ``os.replace``\ d
+    onto ``path``, on any exception deleted (``path`` is left as it was)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -240,18 +240,11 @@ def write_safetensors(
 def add_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
     """Add ``metadata`` entries to the ``__metadata__`` of safetensors file ``path``: rewrites the
     file through a temporary sibling (the data bytes are copied, not re-encoded) and replaces it."""
-    from .atomic import _sibling
+    from .atomic import atomic_file
 
-    path = Path(path)
     src = read_safetensors(path)
-    tmp = _sibling(path, "tmp")
-    try:
+    with atomic_file(path) as tmp:
         write_safetensors(src, tmp, metadata={**src.metadata, **metadata})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- checkpoint layout
