@@ -57,9 +57,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     m = p.add_argument_group("models")
-    m.add_argument("--model", required=True, help="the original model: a local folder or Hub id")
-    m.add_argument("--steered", help="the steered model (folder or Hub id) to compare against --model")
-    m.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: --model's)")
+    m.add_argument("model", help="the original model: a local folder or Hub id")
+    m.add_argument("--steered", help="the steered model (folder or Hub id) to compare against MODEL")
+    m.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: MODEL's)")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     m.add_argument("--dtype", default="auto", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
 
@@ -69,7 +69,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         default="smoke",
         help="smoke (built-in, default), xthreatbench, multijail, hub:OWNER/NAME, or a .csv/.json/.jsonl file",
     )
-    d.add_argument("--langs", help="comma-separated language codes (default: all in the prompt set)")
+    d.add_argument("--langs", nargs="+", help="language codes, e.g. hi bn (default: all in the prompt set)")
     d.add_argument("--limit", type=_positive, help="at most this many prompts per language")
     d.add_argument("--prompt-column", help="name of the prompt column (default: detected)")
     d.add_argument("--lang-column", help="name of the language column (default: detected)")
@@ -152,12 +152,12 @@ def _load_model(path: str, dtype: str, device, what: str):
     return model.to(device).eval()
 
 
-def _langs(text: str | None) -> list[str] | None:
-    if text is None:
+def _langs(values: list[str] | None) -> list[str] | None:
+    if values is None:
         return None
-    langs = [x.strip() for x in re.split(r"[,\s]+", text) if x.strip()]
+    langs = [x.strip() for v in values for x in re.split(r"[,\s]+", v) if x.strip()]
     if not langs:
-        raise ValueError("--langs is empty; give comma-separated codes like en,hi,bn")
+        raise ValueError("--langs is empty; give codes like hi bn")
     return langs
 
 
@@ -195,7 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
     langs = _langs(args.langs)
 
     device = _device(args.device)
-    _check_source(args.model, "--model")
+    _check_source(args.model, "MODEL")
     if args.steered:
         _check_source(args.steered, "--steered")
     tok_path = _check_source(args.tokenizer or args.model, "--tokenizer")
@@ -203,7 +203,7 @@ def run_eval(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
     except OSError as e:
         raise FileNotFoundError(f"cannot load the tokenizer {tok_path!r}: {str(e).splitlines()[0]}") from None
-    model = _load_model(args.model, args.dtype, device, "--model")
+    model = _load_model(args.model, args.dtype, device, "MODEL")
     steered = _load_model(args.steered, args.dtype, device, "--steered") if args.steered else None
 
     report = evaluate(

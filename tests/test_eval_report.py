@@ -230,7 +230,6 @@ def test_cli_runs_on_saved_models(tmp_path, capsys):
     args = _parser().parse_args(
         [
             "eval",
-            "--model",
             str(tmp_path / "base"),
             "--steered",
             str(tmp_path / "steered"),
@@ -259,11 +258,11 @@ def test_cli_runs_on_saved_models(tmp_path, capsys):
     assert [x["lang"] for x in data["languages"]] == ["en", "fr"] and data["languages"][0]["kl"] > 0
     assert (out / "asr.png").read_bytes()[:8] == PNG
 
-    bad = _parser().parse_args(["eval", "--model", str(tmp_path / "nothing-here"), "--no-progress"])
+    bad = _parser().parse_args(["eval", str(tmp_path / "nothing-here"), "--no-progress"])
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         run_eval(bad)
-    wrong = _parser().parse_args(["eval", "--model", str(tmp_path / "base"), "--judge-model", "m", "--no-progress"])
+    wrong = _parser().parse_args(["eval", str(tmp_path / "base"), "--judge-model", "m", "--no-progress"])
     with pytest.raises(ValueError, match="--judge llm"):
         run_eval(wrong)
     with pytest.raises(SystemExit):
-        _parser().parse_args(["eval", "--model", "x", "--max-new-tokens", "0"])
+        _parser().parse_args(["eval", "x", "--max-new-tokens", "0"])

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..cache import atomic_write_text
+from ..atomic import atomic_write_text
 from .generation import GenerationStore, generate_responses, model_id
 from .judges import Judge, make_judge
 from .prompt_sets import (
