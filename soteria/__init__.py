@@ -17,6 +17,7 @@ _LAZY = {
     "HarmVector": "soteria.harm",
     "HeadScores": "soteria.heads",
     "find_heads": "soteria.heads",
+    "find_heads_multi": "soteria.heads",
     "save_steered": "soteria.export",
     "steer_checkpoint": "soteria.export",
     "push_to_hub": "soteria.export",
@@ -44,5 +45,5 @@ if TYPE_CHECKING:  # pragma: no cover - re-exports for type checkers
     from .evaluation import EvalReport, evaluate  # noqa: F401
     from .export import push_to_hub, save_steered, steer_checkpoint  # noqa: F401
     from .harm import HarmVector  # noqa: F401
-    from .heads import HeadScores, find_heads  # noqa: F401
+    from .heads import HeadScores, find_heads, find_heads_multi  # noqa: F401
     from .steering import SoteriaPatcher  # noqa: F401

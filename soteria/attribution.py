@@ -11,6 +11,13 @@ output projection, activation ``z^l_h``) and a corrupted prompt with target toke
 Probabilities are softmaxes of fp32 logits at each row's last real token. Batches are padded
 on the right. The model is left as it was found: hooks removed, ``training`` flags and
 ``requires_grad`` flags restored, whatever happens.
+
+Scale-out: prompts are scheduled longest first (less padding when several tasks or languages
+share batches: ``clean_groups`` / ``corrupted_groups`` give each corrupted prompt the mean of its
+own group's clean prompts); under ``torch.distributed`` each rank takes every ``world``-th of
+them and the results are all-reduced (:mod:`soteria.distributed`); hooks, baselines and kernels
+run on each layer's own device, so models split over devices by accelerate's ``device_map``
+(offloaded layers included) work as they are.
 """
 
 from __future__ import annotations
@@ -89,6 +96,73 @@ def _target_ids(tokenizer, targets: Any, n: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _groups(groups: Any, n: int, what: str) -> torch.Tensor:
+    """``[n]`` long group labels (all 0 when None)."""
+    if groups is None:
+        return torch.zeros(n, dtype=torch.long)
+    if isinstance(groups, (str, bytes, int)):
+        raise ValueError(f"{what} must be a list with one group label per prompt")
+    try:
+        labels = [int(g) for g in (groups.tolist() if isinstance(groups, torch.Tensor) else groups)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must hold integer group labels") from None
+    if len(labels) != n:
+        raise ValueError(f"got {len(labels)} {what} for {n} prompts; they must match one to one")
+    if any(g < 0 for g in labels):
+        raise ValueError(f"{what} must be non-negative integers, got {min(labels)}")
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def _tokenize(tokenizer, prompts: list, what: str) -> list[list[int]]:
+    """Token ids of every prompt: strings with the tokenizer's usual special tokens (as
+    :func:`soteria.prompts.encode_batch` does), token-id lists as given."""
+    where = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    out = list(prompts)
+    if where:
+        rows = tokenizer([prompts[i] for i in where], add_special_tokens=True)["input_ids"]
+        for i, row in zip(where, rows):
+            if not len(row):
+                raise ValueError(f"{what}[{i}] = {prompts[i]!r} tokenises to nothing")
+            out[i] = [int(t) for t in row]
+    return out
+
+
+def _schedule(ids: list[list[int]], rank: int, world: int) -> list[int]:
+    """Indices of the prompts this rank runs, in order: longest first (stable), every
+    ``world``-th from position ``rank`` (batches of similar lengths pad little)."""
+    from .distributed import shard
+
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return [order[j] for j in shard(len(order), rank, world)]
+
+
+def _check_same_everywhere(parts: list) -> None:
+    """Every rank must have been given the same prompts, targets and settings."""
+    import hashlib
+
+    from .distributed import all_gather_object
+
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.to(torch.int64).numpy().tobytes())
+        elif isinstance(part, list):  # token-id rows
+            for row in part:
+                h.update(torch.tensor(row, dtype=torch.int64).numpy().tobytes())
+                h.update(b"|")
+        else:
+            h.update(repr(part).encode())
+        h.update(b"#")
+    digests = all_gather_object(h.hexdigest())
+    if len(set(digests)) != 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise ValueError(
+            f"distributed indirect_effects: ranks {differ} were given other prompts, targets, model shape or "
+            "settings than rank 0; every rank must call it with the same arguments (it shards them itself), "
+            "or pass distributed=False to have each rank run only its own prompts"
+        )
+
+
 def _sites(model: nn.Module):
     from .arch import head_sites
 
@@ -112,11 +186,17 @@ def _batches(n: int, size: int):
 def _model_state(model: nn.Module, *, grad: bool):
     """Eval mode for the duration (dropout off); with ``grad``, autograd on but parameters frozen."""
     training = [(m, m.training) for m in model.modules()]
-    frozen = [p for p in model.parameters() if p.requires_grad] if grad else []
+    # By (module, name), not by tensor: accelerate's offload hooks replace an offloaded layer's
+    # meta placeholders on every forward pass, so the objects seen here do not survive it.
+    frozen = (
+        [(m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None and p.requires_grad]
+        if grad
+        else []
+    )
     try:
         model.eval()
-        for p in frozen:
-            p.requires_grad_(False)
+        for m, n in frozen:
+            m._parameters[n].requires_grad_(False)
         if grad:
             with torch.enable_grad():
                 yield
@@ -124,8 +204,10 @@ def _model_state(model: nn.Module, *, grad: bool):
             with torch.no_grad():
                 yield
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        for m, n in frozen:
+            p = m._parameters.get(n)
+            if p is not None and p.is_leaf:
+                p.requires_grad_(True)
         for m, mode in training:
             m.training = mode
 
@@ -152,12 +234,30 @@ def _projection_input(args: tuple, kwargs: dict, site, batch: int) -> torch.Tens
     return z
 
 
+def _hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device of an accelerate hook on ``module``, if any."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    return None
+
+
 def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (its accelerate execution device when offloaded)."""
     emb = model.get_input_embeddings()
     w = getattr(emb, "weight", None)
     if w is not None and w.device.type != "meta":
         return w.device
-    return next(p.device for p in model.parameters() if p.device.type != "meta")
+    for m in (emb, model):
+        dev = _hook_device(m)
+        if dev is not None:
+            return dev
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -167,7 +267,7 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def _encode(tokenizer, prompts: list, device: torch.device):
+def _encode(tokenizer, prompts: list[list[int]], device: torch.device):
     from .prompts import encode_batch
 
     ids, mask, last = encode_batch(tokenizer, prompts, padding_side="right")
@@ -198,19 +298,15 @@ def _target_probs(
 # --------------------------------------------------------------------------- the three passes
 
 
-def mean_activations(
-    model: nn.Module, tokenizer, prompts: Sequence[Prompt], *, batch_size: int | None = None, sites=None
-) -> list[torch.Tensor]:
-    """Mean over ``prompts`` of each layer's output-projection input at the last real token.
+def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world) -> list[torch.Tensor]:
+    """``[G, H*D]`` per layer: mean over each group's prompts of the o_proj input at the last
+    real token (fp32; fp64 for fp64 models), on that layer's device. Sharded and all-reduced
+    (in fp64) when ``world > 1``."""
+    from .distributed import all_reduce_sum
 
-    Returns one ``[H*D]`` tensor per layer (fp32; fp64 for fp64 models), on the device that
-    layer's input lives on.
-    """
-    prompts = _prompt_list(prompts, "clean_prompts")
-    sites = sites if sites is not None else _sites(model)
-    bs = batch_size or DEFAULT_BATCH_SIZE["exact"]
-    device = _input_device(model)
+    mine = _schedule(ids, rank, world)
     sums: list[torch.Tensor | None] = [None] * len(sites)
+    device = _input_device(model)
     state: dict[str, Any] = {}
 
     def make_hook(layer, site):
@@ -218,26 +314,71 @@ def mean_activations(
             z = _projection_input(args, kwargs, site, state["B"])
             last = state["last"].to(z.device)
             rows = torch.arange(z.shape[0], device=z.device)
-            s = z[rows, last].to(torch.promote_types(z.dtype, torch.float32)).sum(0)
-            sums[layer] = s if sums[layer] is None else sums[layer] + s.to(sums[layer].device)
+            s = z[rows, last].to(torch.promote_types(z.dtype, torch.float32))  # [B, H*D]
+            if n_groups == 1:
+                acc = s.sum(0, keepdim=True)
+            else:
+                acc = s.new_zeros(n_groups, s.shape[-1]).index_add_(0, state["groups"].to(z.device), s)
+            sums[layer] = acc if sums[layer] is None else sums[layer] + acc.to(sums[layer].device)
 
         return hook
 
     with _model_state(model, grad=False), _pre_hooks(sites, make_hook):
-        for a, b in _batches(len(prompts), bs):
-            ids, mask, last = _encode(tokenizer, prompts[a:b], device)
-            state.update(B=b - a, last=last)
-            model(input_ids=ids, attention_mask=mask, use_cache=False, **_one_logit(model))
-    if any(s is None for s in sums):
+        for a, b in _batches(len(mine), bs):
+            rows = mine[a:b]
+            batch_ids, mask, last = _encode(tokenizer, [ids[i] for i in rows], device)
+            state.update(B=b - a, last=last, groups=groups[rows])
+            model(input_ids=batch_ids, attention_mask=mask, use_cache=False, **_one_logit(model))
+    if mine and any(s is None for s in sums):
         raise RuntimeError("an output projection was never called during the forward pass")
-    return [s / len(prompts) for s in sums]
+    counts = torch.bincount(groups, minlength=n_groups).clamp_min(1)  # every rank knows all prompts
+    width = sites[0].num_heads * sites[0].head_dim
+    out = []
+    for layer, s in enumerate(sums):
+        dtype = s.dtype if s is not None else torch.promote_types(sites[layer].weight.dtype, torch.float32)
+        if world > 1:  # a rank with no prompts adds zeros; the sum runs in fp64
+            s = all_reduce_sum(s if s is not None else torch.zeros(n_groups, width, dtype=dtype), dtype=torch.float64)
+        out.append((s / counts[:, None].to(s.device, s.dtype)).to(dtype))
+    return out
+
+
+def mean_activations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int | None = None,
+    sites=None,
+    distributed: bool | None = None,
+) -> list[torch.Tensor]:
+    """Mean over ``prompts`` of each layer's output-projection input at the last real token.
+
+    Returns one ``[H*D]`` tensor per layer (fp32; fp64 for fp64 models), on the device that
+    layer's input lives on. ``distributed``: see :func:`indirect_effects`.
+    """
+    from .distributed import resolve
+
+    prompts = _prompt_list(prompts, "clean_prompts")
+    rank, world = resolve(distributed)
+    sites = sites if sites is not None else _sites(model)
+    ids = _tokenize(tokenizer, prompts, "clean_prompts")
+    groups = torch.zeros(len(ids), dtype=torch.long)
+    bs = batch_size or DEFAULT_BATCH_SIZE["exact"]
+    with torch.inference_mode(False):
+        return [m[0] for m in _group_means(model, tokenizer, ids, groups, 1, bs, sites, rank, world)]
 
 
 def _one_logit(model) -> dict:
     return {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
 
 
-def _atp(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torch.Tensor:
+def _baseline(means: torch.Tensor, groups: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[H*D]`` for one group (the kernel broadcasts it), else ``[B, H*D]``: each row's group mean."""
+    means = means.to(device, torch.float32)
+    return means[0] if means.shape[0] == 1 else means[groups.to(device)]
+
+
+def _atp(model, tokenizer, sites, means, prompts, groups, targets, bs, progress) -> torch.Tensor:
     import soteria_kernels
 
     n, L, H = len(prompts), len(sites), sites[0].num_heads
@@ -252,8 +393,8 @@ def _atp(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torc
                 raise RuntimeError(f"{site.name} was called twice in one forward pass")
             last = state["last"].to(z.device)
             rows = torch.arange(z.shape[0], device=z.device)
-            # A zero leaf added at the last real token only; z itself stays in the graph so
-            # the gradient also flows through later layers.
+            # A zero leaf added at the last real token only, on this layer's device; z itself
+            # stays in the graph so the gradient also flows through later layers.
             delta = torch.zeros(z.shape[0], z.shape[-1], dtype=torch.float32, device=z.device, requires_grad=True)
             state["deltas"][layer] = delta
             state["acts"][layer] = z[rows, last].detach().float()  # [B, H*D], fp32 like the grads
@@ -274,7 +415,7 @@ def _atp(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torc
                     out[a:b, layer] = 0.0
                     continue
                 scores = soteria_kernels.head_attribution(
-                    act, g, num_heads=H, baseline=means[layer].to(act.device, torch.float32)
+                    act, g, num_heads=H, baseline=_baseline(means[layer], groups[a:b], act.device)
                 )
                 out[a:b, layer] = scores.float().cpu()
             state.update(deltas=None, acts=None)
@@ -284,12 +425,12 @@ def _atp(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torc
     return out
 
 
-def _exact(model, tokenizer, sites, means, prompts, targets, bs, progress) -> torch.Tensor:
+def _exact(model, tokenizer, sites, means, prompts, groups, targets, bs, progress) -> torch.Tensor:
     n, L, H = len(prompts), len(sites), sites[0].num_heads
     out = torch.empty(n, L, H, dtype=torch.float32)
     device = _input_device(model)
     pairs = [(layer, h) for layer in range(L) for h in range(H)]
-    # plan[layer] = (rows [k], positions [k], head indices [k]) patched in that layer, or absent
+    # plan[layer] = (rows [k], positions [k], head indices [k], groups [k]) patched in that layer
     state: dict[str, Any] = {"plan": {}}
 
     def make_hook(layer, site):
@@ -300,10 +441,10 @@ def _exact(model, tokenizer, sites, means, prompts, targets, bs, progress) -> to
             plan = state["plan"].get(layer)
             if plan is None:
                 return None
-            rows, pos, heads = (t.to(z.device) for t in plan)
+            rows, pos, heads, grp = (t.to(z.device) for t in plan)
             cols = heads[:, None] * D + torch.arange(D, device=z.device)  # [k, D]
             z = z.clone()
-            z[rows[:, None], pos[:, None], cols] = means[layer].to(z.device)[cols].to(z.dtype)
+            z[rows[:, None], pos[:, None], cols] = means[layer].to(z.device)[grp[:, None], cols].to(z.dtype)
             return (z, *args[1:]), kwargs
 
         return hook
@@ -324,11 +465,11 @@ def _exact(model, tokenizer, sites, means, prompts, targets, bs, progress) -> to
                     entry = plan.setdefault(layer, [[], []])
                     entry[0].extend(range(j * B, (j + 1) * B))
                     entry[1].extend([h] * B)
-                last_r = last.repeat(r)
+                last_r, grp_r = last.repeat(r), groups[a:b].repeat(r)
                 state.update(
                     B=r * B,
                     plan={
-                        layer: (torch.tensor(rows), last_r[rows], torch.tensor(heads))
+                        layer: (torch.tensor(rows), last_r[rows], torch.tensor(heads), grp_r[rows])
                         for layer, (rows, heads) in plan.items()
                     },
                 )
@@ -352,6 +493,9 @@ def indirect_effects(
     method: str = "atp",
     batch_size: int | None = None,
     progress: Progress = None,
+    clean_groups: Sequence[int] | None = None,
+    corrupted_groups: Sequence[int] | None = None,
+    distributed: bool | None = None,
 ) -> torch.Tensor:
     """Each head's indirect effect on ``p(target)`` for each corrupted prompt.
 
@@ -366,17 +510,36 @@ def indirect_effects(
             heads packed into one batched pass; equal to patching one head at a time).
         batch_size: rows per forward pass (default ``DEFAULT_BATCH_SIZE[method]``).
         progress: called with the number of corrupted prompts finished (a fraction of one with
-            the exact method) after each forward pass; e.g. a ``tqdm`` bar's ``update``.
+            the exact method) after each forward pass; e.g. a ``tqdm`` bar's ``update``. Under
+            ``torch.distributed`` it counts this rank's prompts.
+        clean_groups, corrupted_groups: optional integer labels (one per prompt) for running
+            several tasks or languages in shared batches: corrupted prompt ``i`` is patched with
+            the mean over the clean prompts of group ``corrupted_groups[i]`` (each row's result
+            equals a separate call with that group alone, up to float rounding). Default: one group.
+        distributed: None (default) shards the prompts over the ``torch.distributed`` process
+            group when one is initialised; False ignores it; True requires it. Every rank must
+            pass the same arguments (checked) and gets the same result; prompt ``j`` of the
+            longest-first order runs on rank ``j % world_size``, clean sums are all-reduced in
+            fp64, and each row of the result is computed by exactly one rank.
 
     Returns:
         float32 ``[N, L, H]`` on the CPU.
     """
+    from .distributed import all_reduce_sum, resolve
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     clean = _prompt_list(clean_prompts, "clean_prompts")
     corrupted = _prompt_list(corrupted_prompts, "corrupted_prompts")
+    cg = _groups(clean_groups, len(clean), "clean_groups")
+    kg = _groups(corrupted_groups, len(corrupted), "corrupted_groups")
+    orphans = sorted(set(kg.tolist()) - set(cg.tolist()))
+    if orphans:
+        raise ValueError(f"corrupted_groups {orphans} have no clean prompts to take the mean activations from")
+    n_groups = int(max(cg.max(), kg.max())) + 1
+    rank, world = resolve(distributed)
     bs = int(batch_size or DEFAULT_BATCH_SIZE[method])
     sites = _sites(model)
     run = _atp if method == "atp" else _exact
@@ -384,5 +547,17 @@ def indirect_effects(
     # autograd refuses to save; leave it for the duration (a no-op otherwise).
     with torch.inference_mode(False):
         tgt = _target_ids(tokenizer, targets, len(corrupted))
-        means = mean_activations(model, tokenizer, clean, batch_size=bs, sites=sites)
-        return run(model, tokenizer, sites, means, corrupted, tgt, bs, progress)
+        clean_ids = _tokenize(tokenizer, clean, "clean_prompts")
+        corrupted_ids = _tokenize(tokenizer, corrupted, "corrupted_prompts")
+        if world > 1:
+            shape = (len(sites), sites[0].num_heads, sites[0].head_dim)
+            _check_same_everywhere([clean_ids, corrupted_ids, tgt, cg, kg, method, bs, shape])
+        means = _group_means(model, tokenizer, clean_ids, cg, n_groups, bs, sites, rank, world)
+        mine = torch.tensor(_schedule(corrupted_ids, rank, world), dtype=torch.long)
+        rows = [corrupted_ids[i] for i in mine.tolist()]
+        part = run(model, tokenizer, sites, means, rows, kg[mine], tgt[mine], bs, progress)
+        out = torch.zeros(len(corrupted), len(sites), sites[0].num_heads, dtype=torch.float32)
+        out[mine] = part
+        if world > 1:  # each row is non-zero on one rank only, so the sum is exact
+            out = all_reduce_sum(out)
+        return out

@@ -109,22 +109,44 @@ def _heads_arg(args, langs):
 
 
 def cmd_heads(args) -> int:
-    from soteria.heads import find_heads
+    """All languages in shared batches; under torchrun the prompts are sharded over the ranks
+    and only rank 0 writes files, prints and shows the progress bar."""
+    from soteria import distributed
+    from soteria.heads import find_heads_multi
 
     langs = _langs(args.langs)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    out = Path(args.out)
-    for lang in langs:
-        scores = find_heads(
-            model, tokenizer, lang, method=args.method, tasks=args.tasks, n_shots=args.n_shots,
+    owns_group = distributed.init_from_env()
+    try:
+        device = args.device
+        if distributed.world_size() > 1:
+            if device in ("auto", "balanced", "balanced_low_0", "sequential"):
+                raise ValueError(
+                    f"--device {device} splits one model over all GPUs, but under torchrun every rank loads its "
+                    "own copy; use --device cuda (one GPU per rank) or run one process with --device auto"
+                )
+            if device == "cuda":
+                device = str(distributed.local_device())
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        found = find_heads_multi(
+            model, tokenizer, langs, method=args.method, tasks=args.tasks, n_shots=args.n_shots,
             n_trials=args.n_trials, seed=args.seed, batch_size=args.batch_size, cache=not args.no_cache,
         )  # fmt: skip
-        json_path = scores.save(out / f"heads_{lang}.json")
-        png_path = scores.plot(out / f"heads_{lang}.png", k=args.top_k)
-        top = ", ".join(f"({l},{h})" for l, h in scores.top(args.top_k)[:10])
-        print(f"{lang}: top heads {top}{' ...' if len(scores.top(args.top_k)) > 10 else ''}")
-        print(f"{lang}: wrote {json_path} and {png_path}")
-    return 0
+        if not distributed.is_main_process():
+            return 0
+        out = Path(args.out)
+        for lang in langs:
+            scores = found[lang]
+            json_path = scores.save(out / f"heads_{lang}.json")
+            png_path = scores.plot(out / f"heads_{lang}.png", k=args.top_k)
+            top = ", ".join(f"({l},{h})" for l, h in scores.top(args.top_k)[:10])
+            print(f"{lang}: top heads {top}{' ...' if len(scores.top(args.top_k)) > 10 else ''}")
+            print(f"{lang}: wrote {json_path} and {png_path}")
+        return 0
+    finally:
+        if owns_group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def cmd_steer(args) -> int:
@@ -216,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("heads", help="find each language's functional heads", description="Score every attention "
-                       "head per language; write HeadScores JSON and a heatmap PNG per language.")  # fmt: skip
+                       "head per language (all languages in shared batches); write HeadScores JSON and a heatmap "
+                       "PNG per language. Under torchrun (torchrun --nproc_per_node N -m soteria heads ...) the "
+                       "prompts are sharded over the processes and rank 0 writes the files.")  # fmt: skip
     _model_args(p)
     p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
     _find_args(p)

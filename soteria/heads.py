@@ -3,8 +3,10 @@
 ``find_heads(model, tokenizer, "fr")`` runs the language's probe tasks (clean and corrupted
 few-shot prompts, :mod:`soteria.prompts`), scores every head with
 :func:`soteria.attribution.indirect_effects`, averages over trials and then over tasks, and
-returns a :class:`HeadScores`. ``HeadScores.combine`` builds group head sets by the
-reference's majority vote.
+returns a :class:`HeadScores`. ``find_heads_multi(model, tokenizer, ["en", "fr", ...])`` does
+several languages in one pass over shared batches. Both shard their prompts over a
+``torch.distributed`` process group when one is initialised (:mod:`soteria.distributed`).
+``HeadScores.combine`` builds group head sets by the reference's majority vote.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from .version import __version__
 
-__all__ = ["HeadScores", "HeadSet", "find_heads"]
+__all__ = ["HeadScores", "HeadSet", "find_heads", "find_heads_multi"]
 
 _FORMAT = "soteria.HeadScores"
 _FORMAT_VERSION = 1
@@ -336,6 +338,7 @@ def find_heads(
     batch_size: int | None = None,
     cache: bool = True,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> HeadScores:
     """Score every head of ``model`` by its average indirect effect on ``lang``'s probe tasks.
 
@@ -347,91 +350,205 @@ def find_heads(
             (:func:`soteria.probes.resolve_tasks`).
         n_shots, n_trials, seed: prompt construction (:func:`soteria.prompts.build_prompts`).
         batch_size: rows per forward pass (see :func:`soteria.attribution.indirect_effects`).
+            The tasks share batches.
         cache: read/write ``$SOTERIA_CACHE_DIR/heads/<key>.json``; the key covers a fingerprint
             of the weights (:func:`soteria.cache.model_fingerprint`), the prompts' token ids,
             ``lang``, ``method``, the settings and the soteria version.
         progress: show a tqdm bar over trials (hidden when stderr is not a terminal).
+        distributed: None (default) shards the prompts over the ``torch.distributed`` process
+            group when one is initialised; False ignores it; True requires it. Every rank gets
+            the same scores; only rank 0 reads and writes the cache and shows the bar.
 
     Returns:
         :class:`HeadScores` with float32 ``[L, H]`` scores (mean over trials, then over tasks)
         and ``per_task`` scores.
     """
-    from .attribution import METHODS, indirect_effects
+    return find_heads_multi(
+        model,
+        tokenizer,
+        [lang],
+        method=method,
+        tasks=tasks,
+        n_shots=n_shots,
+        n_trials=n_trials,
+        seed=seed,
+        batch_size=batch_size,
+        cache=cache,
+        progress=progress,
+        distributed=distributed,
+    )[lang]
+
+
+def _lang_list(langs: Any) -> list[str]:
+    if isinstance(langs, str):
+        langs = [langs]
+    try:
+        out = list(langs)
+    except TypeError:
+        raise ValueError(f"langs must be a language code or a list of them, got {type(langs).__name__}") from None
+    if not out or not all(isinstance(x, str) and x for x in out):
+        raise ValueError(f"langs must be a non-empty list of language codes, got {langs!r}")
+    repeated = sorted({x for x in out if out.count(x) > 1})
+    if repeated:
+        raise ValueError(f"langs repeat: {', '.join(repeated)}")
+    return out
+
+
+def find_heads_multi(
+    model: nn.Module,
+    tokenizer,
+    langs: Sequence[str],
+    *,
+    method: str = "atp",
+    tasks: Any = None,
+    tasks_by_lang: dict[str, Any] | None = None,
+    n_shots: int = 10,
+    n_trials: int = 25,
+    seed: int = 0,
+    batch_size: int | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> dict[str, HeadScores]:
+    """:func:`find_heads` for several languages at once: ``{lang: HeadScores}`` in ``langs`` order.
+
+    Every task of every language not already in the cache goes through one
+    :func:`~soteria.attribution.indirect_effects` call with shared, mixed batches (each
+    task keeps its own clean mean activations, prompts run longest first), so the model is
+    traversed ``ceil(total trials / batch_size)`` times (AtP) rather than that many per task,
+    under one progress bar. Each language's result equals
+    ``find_heads(model, tokenizer, lang, ...)`` up to float rounding and is cached under the
+    same key, so a language already cached is not recomputed.
+
+    ``tasks`` applies to every language; ``tasks_by_lang`` (``{lang: tasks}``) overrides it per
+    language (e.g. your own data for some of them). Other arguments: see :func:`find_heads`.
+    """
+    from . import attribution
+    from .arch import head_sites
     from .cache import cache_dir, cache_key, model_fingerprint
+    from .distributed import all_gather_object, broadcast_object, resolve
     from .probes import resolve_tasks
     from .prompts import build_prompts
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    task_pairs = resolve_tasks(lang, tasks)
-    built = {
-        name: build_prompts(pairs, tokenizer, n_shots=n_shots, n_trials=n_trials, seed=seed)
-        for name, pairs in task_pairs.items()
-    }
-    for name, pp in built.items():
-        if not pp.corrupted:
-            raise ValueError(f"task {name!r} of {lang!r} gave no usable prompts")
+    if method not in attribution.METHODS:
+        raise ValueError(f"method must be one of {attribution.METHODS}, got {method!r}")
+    langs = _lang_list(langs)
+    tasks_by_lang = dict(tasks_by_lang or {})
+    unknown = [x for x in tasks_by_lang if x not in langs]
+    if unknown:
+        raise ValueError(f"tasks_by_lang names languages not in langs: {', '.join(map(str, unknown))}")
+    rank, world = resolve(distributed)
 
-    from .arch import head_sites
+    built: dict[str, dict[str, Any]] = {}
+    for lang in langs:
+        task_pairs = resolve_tasks(lang, tasks_by_lang.get(lang, tasks))
+        built[lang] = {
+            name: build_prompts(pairs, tokenizer, n_shots=n_shots, n_trials=n_trials, seed=seed)
+            for name, pairs in task_pairs.items()
+        }
+        for name, pp in built[lang].items():
+            if not pp.corrupted:
+                raise ValueError(f"task {name!r} of {lang!r} gave no usable prompts")
 
     if cache and any(site.weight.device.type == "meta" for site in head_sites(model)):
         # Offloaded weights cannot be hashed, so a steered model could read unsteered scores.
-        warnings.warn("find_heads: output projections are offloaded (meta); not using the cache", stacklevel=2)
+        if rank == 0:
+            warnings.warn("find_heads: output projections are offloaded (meta); not using the cache", stacklevel=3)
         cache = False
     fingerprint = model_fingerprint(model)
-    settings: dict[str, Any] = {
-        "tasks": list(built),
-        "trials": {name: len(pp.corrupted) for name, pp in built.items()},
-        "n_shots": n_shots,
-        "n_trials": n_trials,
-        "seed": seed,
-        "model_fingerprint": fingerprint,
-        "soteria_version": __version__,
-    }
-    key = cache_key(
-        {
-            "kind": "head_scores",
-            "lang": lang,
-            "method": method,
-            "prompts": _prompts_digest(tokenizer, built),
-            **settings,
+    if world > 1:
+        prints = all_gather_object(fingerprint)
+        if len(set(prints)) != 1:
+            differ = [r for r, f in enumerate(prints) if f != prints[0]]
+            raise ValueError(f"find_heads: ranks {differ} hold other weights than rank 0; load one model everywhere")
+    settings: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
+    for lang in langs:
+        settings[lang] = {
+            "tasks": list(built[lang]),
+            "trials": {name: len(pp.corrupted) for name, pp in built[lang].items()},
+            "n_shots": n_shots,
+            "n_trials": n_trials,
+            "seed": seed,
+            "model_fingerprint": fingerprint,
+            "soteria_version": __version__,
         }
-    )
-    path = cache_dir() / "heads" / f"{key}.json"
-    if cache and path.is_file():
-        try:
-            return HeadScores.load(path)
-        except ValueError:
-            pass  # unreadable cache entry: recompute and overwrite it
+        key = cache_key(
+            {
+                "kind": "head_scores",
+                "lang": lang,
+                "method": method,
+                "prompts": _prompts_digest(tokenizer, built[lang]),
+                **settings[lang],
+            }
+        )
+        paths[lang] = cache_dir() / "heads" / f"{key}.json"
+
+    results: dict[str, HeadScores] = {}
+    if cache:
+        if rank == 0:  # rank 0 decides, so all ranks agree on what is left to compute
+            for lang in langs:
+                if paths[lang].is_file():
+                    try:
+                        results[lang] = HeadScores.load(paths[lang])
+                    except ValueError:
+                        pass  # unreadable cache entry: recompute and overwrite it
+        if world > 1:
+            results = broadcast_object(results)
+    todo = [lang for lang in langs if lang not in results]
+    if not todo:
+        return {lang: results[lang] for lang in langs}
+
+    clean: list[str] = []
+    corrupted: list[str] = []
+    targets: list[int] = []
+    clean_groups: list[int] = []
+    corrupted_groups: list[int] = []
+    groups: list[tuple[str, str]] = []  # (lang, task) of each group label
+    for lang in todo:
+        for name, pp in built[lang].items():
+            g = len(groups)
+            groups.append((lang, name))
+            clean += pp.clean
+            corrupted += pp.corrupted
+            targets += list(pp.target_ids)
+            clean_groups += [g] * len(pp.clean)
+            corrupted_groups += [g] * len(pp.corrupted)
 
     from tqdm.auto import tqdm
 
-    per_task: dict[str, torch.Tensor] = {}
-    total = sum(len(pp.corrupted) for pp in built.values())
+    label = todo[0] if len(todo) == 1 else f"{len(todo)} languages"
+    desc = f"find_heads {label} ({method})" + (f" [rank 0 of {world}]" if world > 1 else "")
     with tqdm(
-        total=total, desc=f"find_heads {lang} ({method})", unit="trial", disable=None if progress else True
+        total=len(range(rank, len(corrupted), world)),  # this rank's share of the trials
+        desc=desc,
+        unit="trial",
+        disable=None if progress and rank == 0 else True,
     ) as bar:
-        for name, pp in built.items():
-            bar.set_postfix_str(name)
-            effects = indirect_effects(
-                model,
-                tokenizer,
-                pp.clean,
-                pp.corrupted,
-                list(pp.target_ids),
-                method=method,
-                batch_size=batch_size,
-                progress=bar.update,
-            )
-            per_task[name] = effects.mean(0)
-    result = HeadScores(
-        scores=torch.stack(list(per_task.values())).mean(0),
-        model_name=_model_name(model),
-        lang=lang,
-        method=method,
-        settings=settings,
-        per_task=per_task,
-    )
-    if cache:
-        result.save(path)
-    return result
+        effects = attribution.indirect_effects(
+            model,
+            tokenizer,
+            clean,
+            corrupted,
+            targets,
+            method=method,
+            batch_size=batch_size,
+            progress=bar.update,
+            clean_groups=clean_groups,
+            corrupted_groups=corrupted_groups,
+            distributed=distributed,
+        )
+    labels = torch.tensor(corrupted_groups)
+    for lang in todo:
+        per_task = {name: effects[labels == g].mean(0) for g, (gl, name) in enumerate(groups) if gl == lang}
+        results[lang] = HeadScores(
+            scores=torch.stack(list(per_task.values())).mean(0),
+            model_name=_model_name(model),
+            lang=lang,
+            method=method,
+            settings=settings[lang],
+            per_task=per_task,
+        )
+        if cache and rank == 0:
+            results[lang].save(paths[lang])
+    return {lang: results[lang] for lang in langs}

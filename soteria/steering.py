@@ -14,6 +14,13 @@ and round once to the weight's dtype.
 (so ``save_pretrained`` writes it to ``config.json``), and keeps a copy of the original head
 slices (``k * D * d_model`` elements, on CPU) so :meth:`SoteriaPatcher.revert` restores the
 weights bit-exactly.
+
+Models split over devices by accelerate (``device_map``, ``cpu_offload``, disk offload) are
+edited where their real weights live: an offloaded layer's weight is a ``meta`` placeholder,
+so the edit goes to the tensor in its offload hook's ``weights_map`` (in place when that map
+holds it in memory; when it is read from disk or from the checkpoint's safetensors, an edited
+in-memory copy is put in front of it and the files are never written). ``revert`` restores
+the slices and drops those copies.
 """
 
 from __future__ import annotations
@@ -80,8 +87,9 @@ class SoteriaPatcher:
                 languages is steered once, with the largest of their scales.
             top_k: heads kept per language when they are found: a count, or a fraction of all
                 ``L*H`` heads (default a quarter; the reference kept half, ``0.5``).
-            heads: None (run :func:`soteria.find_heads` per language with ``method`` and
-                ``find_kwargs``, keep each language's ``top_k``, steer the union); a list of
+            heads: None (find every language's heads with :func:`soteria.heads.find_heads_multi`,
+                i.e. :func:`soteria.find_heads` for all of them in shared batches, with ``method``
+                and ``find_kwargs``; keep each language's ``top_k``, steer the union); a list of
                 ``(layer, head)`` pairs for every language; or ``{lang: pairs}``. Explicit heads
                 skip attribution (recorded as method ``"explicit"``).
             tokenizer: needed when heads are found or ``harm`` is None.
@@ -125,17 +133,11 @@ class SoteriaPatcher:
             harm.check(model)
 
         if per_lang is None:
-            from .heads import find_heads
+            from .heads import find_heads_multi
 
-            per_lang = {
-                lang: [
-                    tuple(p)
-                    for p in find_heads(model, tokenizer, lang, method=method, progress=progress, **find_kwargs).top(
-                        top_k
-                    )
-                ]
-                for lang in langs
-            }
+            # All languages in shared batches: one pass over the model per batch, one progress bar.
+            found = find_heads_multi(model, tokenizer, langs, method=method, progress=progress, **find_kwargs)
+            per_lang = {lang: [tuple(p) for p in found[lang].top(top_k)] for lang in langs}
             recorded_method, recorded_k = method, top_k
         else:
             recorded_method, recorded_k = "explicit", None
@@ -166,8 +168,18 @@ class SoteriaPatcher:
         harm.check(model, layers=sorted(plan))
         config.harm_source, config.harm_kind = harm.source, harm.kind
 
-        slices = _edit(sites, plan, harm)
-        inner.__dict__[_STATE] = {"slices": slices, "dtypes": {layer: sites[layer].weight.dtype for layer in plan}}
+        overlays: list[tuple[dict, str, torch.Tensor | None]] = []
+        try:
+            weights = {layer: _editable_weight(inner, sites[layer], overlays) for layer in sorted(plan)}
+            slices = _edit(sites, weights, plan, harm)
+        except BaseException:
+            _drop_overlays(overlays)
+            raise
+        inner.__dict__[_STATE] = {
+            "slices": slices,
+            "dtypes": {layer: sites[layer].weight.dtype for layer in plan},
+            "overlays": overlays,
+        }
         inner.soteria_config = config
         if getattr(inner, "config", None) is not None:
             inner.config.soteria = config.to_dict()
@@ -194,7 +206,11 @@ class SoteriaPatcher:
                     f"layer {layer}'s output projection is {sites[layer].weight.dtype} now but was {dtype} when "
                     "steered; convert the model back to that dtype before reverting"
                 )
-        _restore(sites, state["slices"])
+        overlays = state.get("overlays", [])
+        layers = sorted({layer for layer, _ in state["slices"]})
+        weights = {layer: _editable_weight(inner, sites[layer], []) for layer in layers}
+        _restore(sites, weights, state["slices"])
+        _drop_overlays(overlays)
         del inner.__dict__[_STATE]
         inner.__dict__.pop("soteria_config", None)
         config = getattr(inner, "config", None)
@@ -234,31 +250,112 @@ def _operand_dtype(harm: HarmVector, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _edit(sites, plan: dict[int, tuple[list[int], list[float]]], harm: HarmVector) -> dict:
-    """Run the kernels layer by layer, saving each slice first; on any failure put every slice back."""
+def _edit(sites, weights: dict, plan: dict[int, tuple[list[int], list[float]]], harm: HarmVector) -> dict:
+    """Run the kernels layer by layer on ``weights[layer]`` (the real weight tensors), saving each
+    slice first; on any failure put every slice back."""
     k = _kernels()
     saved: dict[tuple[int, int], torch.Tensor] = {}
     try:
         with torch.no_grad():
             for layer, (hs, ss) in sorted(plan.items()):
                 site = sites[layer]
-                w = site.weight
+                w = weights[layer]
                 operand = harm.tensor(layer).to(device=w.device, dtype=_operand_dtype(harm, w))
                 for h in hs:
                     saved[(layer, h)] = _slice(w.detach(), site, h).to("cpu", copy=True)
                 fn = k.masked_head_steer_ if harm.kind == "harmful" else k.masked_head_update_
                 fn(w, operand, hs, head_dim=site.head_dim, scale=ss, head_axis=site.head_axis)
     except BaseException:
-        _restore(sites, saved)
+        _restore(sites, weights, saved)
         raise
     return saved
 
 
-def _restore(sites, saved: dict[tuple[int, int], torch.Tensor]) -> None:
+def _restore(sites, weights: dict, saved: dict[tuple[int, int], torch.Tensor]) -> None:
     with torch.no_grad():
         for (layer, h), orig in saved.items():
-            site = sites[layer]
-            _slice(site.weight.detach(), site, h).copy_(orig)
+            _slice(weights[layer].detach(), sites[layer], h).copy_(orig)
+
+
+# --------------------------------------------------------------------------- offloaded layers
+
+
+def _align_hooks(module: nn.Module) -> list:
+    """accelerate hooks on ``module`` that offload its weights (a SequentialHook unpacked)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = [hook, *getattr(hook, "hooks", ())] if hook is not None else []
+    return [h for h in hooks if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
+
+
+def _editable_weight(inner: nn.Module, site, overlays: list) -> torch.Tensor:
+    """The tensor holding ``site``'s real weight values, to edit in place.
+
+    A loaded weight is itself. An offloaded one (``meta`` placeholder) is looked up in the
+    ``weights_map`` of the accelerate hook on its module or on the nearest ancestor that carries
+    one. When the map reads the weight from disk or a checkpoint (a fresh tensor every time),
+    or holds it in another dtype, an in-memory copy in the placeholder's dtype is put into the
+    loader's state dict, which accelerate reads first, and ``(state_dict, key, previous)`` is
+    appended to ``overlays`` so it can be dropped again.
+    """
+    base = site.base_module
+    w = base.weight
+    if w.device.type != "meta":
+        return w
+    names = {id(m): n for n, m in inner.named_modules()}
+    qual = names.get(id(base))
+    if qual is None:
+        raise ValueError(f"{site.name}: its projection module is not part of the model")
+    parts = qual.split(".") if qual else []
+    for cut in range(len(parts), -1, -1):
+        owner = inner.get_submodule(".".join(parts[:cut]))
+        for hook in _align_hooks(owner):
+            key = ".".join([*parts[cut:], "weight"])
+            return _offloaded_tensor(hook.weights_map, key, w, site, overlays)
+    raise ValueError(
+        f"{site.param_name} is on the meta device and no accelerate offload hook holds its values; "
+        "load the weights (or dispatch the model with accelerate) before steering it"
+    )
+
+
+def _offloaded_tensor(mapping, key: str, placeholder: torch.Tensor, site, overlays: list) -> torch.Tensor:
+    while hasattr(mapping, "dataset") and hasattr(mapping, "prefix"):  # accelerate PrefixedDataset
+        key, mapping = mapping.prefix + key, mapping.dataset
+    store = getattr(mapping, "state_dict", None)  # accelerate OffloadedWeightsLoader: RAM first, then disk
+    if not isinstance(store, dict):
+        store = mapping if isinstance(mapping, dict) else None
+    if store is None:
+        raise ValueError(
+            f"{site.param_name} is offloaded to a {type(mapping).__name__} soteria cannot edit; "
+            "load the model without offloading that layer"
+        )
+    held = store.get(key)
+    if isinstance(held, torch.Tensor) and held.dtype == placeholder.dtype:
+        real = held
+    else:
+        try:
+            value = mapping[key]
+        except KeyError:
+            raise ValueError(f"{site.param_name}: its offload hook has no weight {key!r}") from None
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        real = value.to(dtype=placeholder.dtype, copy=True).contiguous()
+        overlays.append((store, key, held))
+        store[key] = real
+    if tuple(real.shape) != tuple(placeholder.shape):
+        raise ValueError(
+            f"{site.param_name}: the offloaded weight has shape {list(real.shape)}, the model expects "
+            f"{list(placeholder.shape)}"
+        )
+    return real
+
+
+def _drop_overlays(overlays: list) -> None:
+    """Undo :func:`_editable_weight`'s in-memory copies, newest first (the files were never written)."""
+    for store, key, previous in reversed(overlays):
+        if previous is None:
+            store.pop(key, None)
+        else:
+            store[key] = previous
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -313,11 +410,13 @@ def _check_find(langs, method, top_k, total: int, tokenizer, find_kwargs) -> Non
         from .probes import languages
 
         known = languages()
-        unknown = [x for x in langs if x not in known]
+        own = find_kwargs.get("tasks_by_lang") or {}  # find_heads_multi: per-language data
+        unknown = [x for x in langs if x not in known and x not in own]
         if unknown:
             raise ValueError(
                 f"no built-in probe tasks for {unknown}; built-in languages: {', '.join(known)}. "
-                "Pass heads= explicitly or find_kwargs={'tasks': ...} with your own probe data"
+                "Pass heads= explicitly or find_kwargs={'tasks': ...} (or {'tasks_by_lang': {lang: ...}}) "
+                "with your own probe data"
             )
 
 
