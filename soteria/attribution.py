@@ -261,8 +261,12 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM under any PEFT / torch.compile wrapper (which pass keyword
+    arguments through) takes ``logits_to_keep``."""
+    from .arch import unwrap_model
+
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - exotic forward
         return False
 

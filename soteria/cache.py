@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def model_fingerprint(model: nn.Module, full: set[str] | None = None) -> str:
     steering edits. Every other parameter and buffer contributes its name, shape, dtype and
     ``SAMPLE_ELEMENTS`` evenly strided elements. Tradeoff: an edit elsewhere that misses every
     sampled element goes unnoticed, in exchange for reading ~1 GB (Llama-3-8B's o_proj in bf16)
-    instead of 16 GB. Tensors on the ``meta`` device contribute their metadata only.
+    instead of 16 GB. Tensors on the ``meta`` device contribute their metadata only. PEFT tuner
+    layers add their adapter state (active, disabled, merged, scaling).
     """
     if full is None:
         from .arch import head_sites
@@ -65,6 +67,16 @@ def model_fingerprint(model: nn.Module, full: set[str] | None = None) -> str:
             if id(p) in weights:
                 full.add(name)
     h = hashlib.sha256()
+    # PEFT tuner layers compute with whichever adapters are active (or none, inside
+    # ``disable_adapter()``) from the same tensors: their state is part of the model.
+    tuner = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if tuner is not None:
+        for name, m in model.named_modules():
+            if isinstance(m, tuner):
+                state = [
+                    getattr(m, a, None) for a in ("active_adapters", "disable_adapters", "merged_adapters", "scaling")
+                ]
+                h.update(f"tuner|{name}|{state!r}|".encode())
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, t in sorted(tensors, key=lambda kv: kv[0]):
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
@@ -75,6 +87,6 @@ def model_fingerprint(model: nn.Module, full: set[str] | None = None) -> str:
             h.update(_tensor_bytes(t))
         else:
             flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // SAMPLE_ELEMENTS)
-            h.update(_tensor_bytes(flat[::step][:SAMPLE_ELEMENTS]))
+            step = -(-flat.numel() // SAMPLE_ELEMENTS)  # ceil: at most SAMPLE_ELEMENTS, spread over all of it
+            h.update(_tensor_bytes(flat[::step]))
     return h.hexdigest()

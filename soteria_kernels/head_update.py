@@ -131,8 +131,10 @@ def _masked_head_update_op(
         return
     check_tensor_args(heads, scales, weight.shape[head_axis] // head_dim)
     if use_triton(weight):
-        heads = heads.to(weight.device, non_blocking=True)
-        scales = scales.to(weight.device, torch.float32, non_blocking=True)
+        # The kernel reads heads[i] and scales[i] at unit stride: a strided view or an expanded
+        # 0-d scale (stride 0) would otherwise be read past its storage.
+        heads = heads.to(weight.device, non_blocking=True).contiguous()
+        scales = scales.to(weight.device, torch.float32, non_blocking=True).contiguous()
         _launch(weight, other, heads, scales, head_dim, head_axis, fused)
     else:
         fn = reference.masked_head_steer_ if fused else reference.masked_head_update_

@@ -288,3 +288,18 @@ def test_peft_wrapped_model(tok, monkeypatch):
     assert all(not mod._forward_pre_hooks for mod in wrapped.modules())
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_peft_wrapped_model_keeps_only_needed_logits(tok, monkeypatch):
+    """The PEFT wrapper passes logits_to_keep through: no [B, T, V] logits for the whole prompt."""
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    base = tiny_model("llama")
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["o_proj"]))
+    widths = []
+    base.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+    for method in ("atp", "exact"):
+        indirect_effects(wrapped, tok, CLEAN, CORRUPTED, TARGETS, method=method, batch_size=3)
+    lengths = {len(_ids(tok, p)) for p in CORRUPTED}  # the distinct last positions of a batch
+    assert widths and max(widths) <= len(lengths), widths

@@ -272,6 +272,32 @@ def test_fingerprint(tok):
     assert cache.model_fingerprint(tiny_model("gpt2", dtype=torch.bfloat16)) != fa
 
 
+def test_fingerprint_samples_span_the_whole_tensor():
+    """A sampled tensor's sample reaches its end, not only its first SAMPLE_ELEMENTS elements."""
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.randn(int(1.5 * cache.SAMPLE_ELEMENTS)))  # stride 2 covers it
+    before = cache.model_fingerprint(m, full=set())
+    with torch.no_grad():
+        m.w[-2] += 1.0  # in the last quarter, at an even index
+    assert cache.model_fingerprint(m, full=set()) != before
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_fingerprint_follows_peft_adapter_state():
+    """Same tensors, other active adapter (or adapters disabled): another model, another key."""
+    peft = pytest.importorskip("peft")
+    lora = dict(r=2, target_modules=["o_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(**lora))
+    model.add_adapter("other", peft.LoraConfig(**lora))
+    first = cache.model_fingerprint(model)
+    model.set_adapter("other")
+    assert cache.model_fingerprint(model) != first
+    model.set_adapter("default")
+    assert cache.model_fingerprint(model) == first
+    with model.disable_adapter():
+        assert cache.model_fingerprint(model) != first
+
+
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SOTERIA_CACHE_DIR", str(tmp_path / "x"))
     assert cache.cache_dir() == tmp_path / "x"

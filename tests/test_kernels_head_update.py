@@ -205,3 +205,25 @@ def test_fp32_delta_for_half_weight_rounds_once(backend, dtype):
     assert (weight[sel] == expected[sel]).double().mean() > 0.99
     with pytest.raises(ValueError, match="harmful has dtype"):  # the fused form reads weights: same dtype
         sk.masked_head_steer_(weight, delta, [1], head_dim=24)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "steer"])
+def test_strided_heads_and_scale_tensors(backend, fused):
+    """Heads and scales given as strided views or a 0-d tensor are read by value, not by storage."""
+    fn = sk.masked_head_steer_ if fused else sk.masked_head_update_
+    heads = [4, 0, 2]
+    cases = [
+        (torch.tensor([4, 9, 0, 9, 2])[::2], 0.5, [0.5] * 3),  # heads as a stride-2 view
+        (heads, torch.tensor([0.25, 9.0, -1.5, 9.0, 2.0])[::2], [0.25, -1.5, 2.0]),  # scales, stride 2
+        (heads, torch.tensor(0.75), [0.75] * 3),  # 0-d scale: expanded to one value per head
+    ]
+    for given_heads, given_scale, scales in cases:
+        weight = torch.randn(7, 5 * 16)
+        other = torch.randn_like(weight)
+        before = weight.clone()
+        expected = _oracle(before, other, heads, 16, scales, -1, fused)
+        tol = _tolerance(before, other, expected, _dense_scales(before, heads, 16, scales, -1), fused)
+        fn(weight, other, given_heads, head_dim=16, scale=given_scale)
+        sel = _selected(weight, heads, 16, -1)
+        assert_bit_identical(weight[~sel], before[~sel], what="unselected elements")
+        assert_close_report(weight[sel], expected[sel], atol=tol[sel], what=f"selected ({given_heads}, {given_scale})")
