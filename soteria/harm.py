@@ -22,6 +22,7 @@ metadata ``format = "soteria.harm"``). A harmful-kind file is itself a valid sub
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -283,6 +284,23 @@ class HarmVector:
     def bytes_read(self) -> int:
         """Tensor bytes read so far (lazy vectors; 0 otherwise)."""
         return self._lazy.bytes_read if self._lazy else 0
+
+    def location(self, layer: int) -> tuple[str, str] | None:
+        """``(safetensors file, tensor name)`` that ``layer``'s tensor is read from, for a lazily
+        read vector; None when it is held in memory. For readers that read the bytes themselves
+        (:func:`soteria.steer_checkpoint`); they report the read with :meth:`record_read`."""
+        if layer not in self.shapes:
+            raise ValueError(f"this HarmVector has no layer {layer} (layers: {list(self.layers)})")
+        return self._lazy.locations.get(layer) if self._lazy else None
+
+    def record_read(self, layer: int, nbytes: int) -> None:
+        """Count a read of ``layer``'s tensor made outside :meth:`tensor` (from :meth:`location`)
+        in :attr:`tensors_read` / :attr:`bytes_read`. Only for lazily read vectors."""
+        where = self.location(layer)
+        if where is None:
+            raise ValueError(f"layer {layer} of this HarmVector is held in memory, not read from a file")
+        self._lazy.tensors_read.append(where[1])
+        self._lazy.bytes_read += int(nbytes)
 
     def tensor(self, layer: int) -> torch.Tensor:
         """The stored tensor of ``layer``: ``tau`` or ``W_harmful`` (see :attr:`kind`), read now if lazy."""
@@ -582,28 +600,38 @@ class HarmVector:
         generation prompt and the refusal is the rest of the rendered assistant turn (its
         end-of-turn tokens included); without one, ``request + "\\n"`` (with the tokenizer's
         special tokens) then the refusal and EOS. Deterministic; the model is left as found
-        (``requires_grad`` flags, ``training`` mode, no ``.grad`` written).
+        (``requires_grad`` flags, ``training`` mode, no ``.grad`` written, no hooks).
+
+        No parameter gradient is taken: a forward hook on each output projection keeps its input
+        ``z`` and a backward pass gives the gradient ``g`` of its output, and
+        ``dL/dW_o = g^T z`` summed over tokens (``z^T g`` for Conv1D), in fp32. So models split or
+        offloaded by accelerate (``device_map`` with cpu/disk offload) work too; the sums are
+        kept where each weight lives (on CPU for an offloaded one).
         """
         from tqdm.auto import tqdm
 
         rows, what = _rows(data, langs, batch_size, max_length)
         sites = _sites(model)
         encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
-        weights = [s.weight for s in sites]
         device = _input_device(model)
         pad = _pad_id(tokenizer)
-        acc = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        # fp32 accumulators where the weight lives; on CPU for an offloaded (meta) weight.
+        acc = [torch.zeros(s.weight.shape, dtype=torch.float32, device=_home(s.weight)) for s in sites]
         total_loss = 0.0
-        with _only_grad_for(model, weights), torch.enable_grad():
+        # No parameter gradients: accelerate swaps an offloaded layer's placeholder weights for
+        # the real ones at every forward pass, so the Parameter objects are not what the graph
+        # uses. dL/dW_o is formed from each projection's input and output gradient instead.
+        with torch.inference_mode(False), _frozen_eval(model), _WeightGrads(sites) as wg:
             starts = range(0, len(encoded), batch_size)
             for start in tqdm(starts, desc="harm gradients", unit="batch", disable=None if progress else True):
                 ids, mask, labels = _collate(encoded[start : start + batch_size], pad, device)
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 loss = _refusal_nll(logits, labels).sum()
-                grads = torch.autograd.grad(loss, weights)
-                for a, g in zip(acc, grads):
-                    a += g.to(torch.float32)
+                for a, g in zip(acc, wg.weight_grads(loss)):
+                    if g is not None:
+                        a += g.to(a.device)
                 total_loss += float(loss.detach())
+                del logits, loss
         n = len(encoded)
         tensors = {s.layer: (a / n) for s, a in zip(sites, acc)}
         return cls(
@@ -741,12 +769,22 @@ def _no_weights_message(folder: Path, names: list[str]) -> str:
 
 
 def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device, or its accelerate execution device when offloaded."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
     weight = getattr(emb, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
         return weight.device
-    return next(p.device for p in model.parameters())
+    for m in (emb, model):
+        hook = getattr(m, "_hf_hook", None)
+        for h in [hook, *getattr(hook, "hooks", ())]:
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
 
 
 def _pad_id(tokenizer) -> int:
@@ -810,26 +848,103 @@ def _refusal_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_row / keep.sum(1).clamp_min(1).to(torch.float32)
 
 
-class _only_grad_for:
-    """Context: eval mode, ``requires_grad`` only on ``weights``; both restored on exit."""
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module):
+    """Eval mode, every parameter frozen, autograd on; flags and modes restored on exit.
 
-    def __init__(self, model: nn.Module, weights: list[torch.Tensor]):
-        self.model, self.weights = model, weights
+    Flags are kept by (module, name), not by tensor: accelerate's offload hooks replace an
+    offloaded layer's placeholder parameters on every forward pass.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    frozen = [(m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None and p.requires_grad]
+    try:
+        model.eval()
+        for m, n in frozen:
+            m._parameters[n].requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, n in frozen:
+            p = m._parameters.get(n)
+            if p is not None and p.is_leaf:
+                p.requires_grad_(True)
+        for m, mode in modes:
+            m.training = mode
 
-    def __enter__(self):
-        params = {id(p): p for p in [*self.model.parameters(), *self.weights]}
-        self.flags = [(p, p.requires_grad) for p in params.values()]
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-        for w in self.weights:
-            w.requires_grad_(True)
+
+class _WeightGrads:
+    """Context: forward hooks that make each output projection's weight gradient computable
+    without parameter gradients.
+
+    Each call of a projection keeps its input ``z`` ``[..., in]`` and returns ``y + delta``
+    (``delta`` a zero leaf of ``y``'s shape, so the values are unchanged and ``y`` stays in the
+    graph); ``dL/d delta = dL/dy = g`` ``[..., out]``. :meth:`weight_grads` then gives, per
+    site, ``g^T z`` (nn.Linear ``[out, in]``) or ``z^T g`` (Conv1D ``[in, out]``) summed over
+    tokens and calls, in fp32: the same sum autograd forms for ``dL/dW``.
+    """
+
+    def __init__(self, sites):
+        self.sites = sites
+        self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in sites]
+        self.handles: list = []
+
+    def __enter__(self) -> _WeightGrads:
+        try:
+            for i, site in enumerate(self.sites):
+                self.handles.append(site.base_module.register_forward_hook(self._hook(i), with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def __exit__(self, *exc):
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        for m, mode in self.modes:
-            m.training = mode
+    def __exit__(self, *exc) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.calls = [], [[] for _ in self.sites]
         return False
+
+    def _hook(self, i: int):
+        site = self.sites[i]
+
+        def hook(module, args, kwargs, output):
+            z = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if not isinstance(z, torch.Tensor) or not isinstance(output, torch.Tensor):
+                raise ValueError(f"{site.name}: expected a tensor input and a tensor output, got {_describe(output)}")
+            delta = torch.zeros_like(output, requires_grad=True)
+            self.calls[i].append((z.detach(), delta))
+            return output + delta
+
+        return hook
+
+    def weight_grads(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """fp32 ``dL/dW`` per site for the forward pass just run (None: the site cannot reach
+        ``loss``), on the device of its output; forgets that pass."""
+        calls, self.calls = self.calls, [[] for _ in self.sites]
+        missing = [s.name for s, c in zip(self.sites, calls) if not c]
+        if missing:
+            raise RuntimeError(f"output projections never called during the forward pass: {missing}")
+        grads = iter(torch.autograd.grad(loss, [d for c in calls for _, d in c], allow_unused=True))
+        out: list[torch.Tensor | None] = []
+        for site, site_calls in zip(self.sites, calls):
+            total = None
+            for z, _ in site_calls:
+                g = next(grads)
+                if g is None:
+                    continue
+                g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+                z2 = z.reshape(-1, z.shape[-1]).to(g.device, torch.float32)
+                # head_axis is the weight's input axis: dim 1 for nn.Linear, dim 0 for Conv1D.
+                gw = z2.T @ g2 if site.head_axis % 2 == 0 else g2.T @ z2
+                total = gw if total is None else total + gw
+            if total is not None and tuple(total.shape) != tuple(site.weight.shape):
+                raise ValueError(
+                    f"{site.name}: input x output gradient gives shape {list(total.shape)}, "
+                    f"its weight is {list(site.weight.shape)}"
+                )
+            out.append(total)
+        return out
+
+
+def _home(weight: torch.Tensor) -> torch.device:
+    """Where a weight's fp32 sums are kept: its device, or CPU for an offloaded (meta) weight."""
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device

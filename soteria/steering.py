@@ -21,6 +21,10 @@ so the edit goes to the tensor in its offload hook's ``weights_map`` (in place w
 holds it in memory; when it is read from disk or from the checkpoint's safetensors, an edited
 in-memory copy is put in front of it and the files are never written). ``revert`` restores
 the slices and drops those copies.
+
+Shared with :mod:`soteria.streaming` (the on-disk edit must check and plan exactly as
+:meth:`SoteriaPatcher.apply` does, to give the same bytes): :func:`check_plan`,
+:func:`layer_plan` and :func:`operand_dtype`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 from .config import SoteriaConfig
 from .harm import HarmVector
 
-__all__ = ["SoteriaPatcher"]
+__all__ = ["SoteriaPatcher", "check_plan", "layer_plan", "operand_dtype"]
 
 _STATE = "_soteria_state"  # attribute on the unwrapped model: {"slices": {(layer, head): tensor}, ...}
 
@@ -109,18 +113,13 @@ class SoteriaPatcher:
                 "this model is already steered by soteria (config.soteria is set); "
                 "call SoteriaPatcher.revert(model) first, or start from the base model"
             )
-        langs = _check_langs(langs)
         sites = head_sites(model)
         n_layers, n_heads = len(sites), sites[0].num_heads
-        scales = _check_scale(scale, langs)
+        langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
         find_kwargs = dict(find_kwargs or {})
         harm_kwargs = dict(harm_kwargs or {})
-
         if heads is None:
             _check_find(langs, method, top_k, n_layers * n_heads, tokenizer, find_kwargs)
-            per_lang = None
-        else:
-            per_lang = _check_heads(heads, langs, n_layers, n_heads)
 
         if harm is None:
             if tokenizer is None:
@@ -152,11 +151,7 @@ class SoteriaPatcher:
             top_k=recorded_k,
             model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
         )
-        plan: dict[int, tuple[list[int], list[float]]] = {}
-        for (layer, head), s in config.head_scales().items():
-            plan.setdefault(layer, ([], []))
-            plan[layer][0].append(head)
-            plan[layer][1].append(s)
+        plan = layer_plan(config)
 
         if harm is None:
             from .harmful_data import harmful_languages
@@ -242,9 +237,10 @@ def _slice(weight: torch.Tensor, site, head: int) -> torch.Tensor:
     return weight.narrow(site.head_axis % 2, head * site.head_dim, site.head_dim)
 
 
-def _operand_dtype(harm: HarmVector, weight: torch.Tensor) -> torch.dtype:
-    """The harmful weights in the weight's dtype; a tau direction in fp32 for half-precision
-    weights (the update kernel takes it as is and rounds the weight once)."""
+def operand_dtype(harm: HarmVector, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``harm``'s tensor is cast to before the kernel edits ``weight`` (shared with
+    :mod:`soteria.streaming`): the harmful weights in the weight's dtype; a tau direction in fp32
+    for half-precision weights (the update kernel takes it as is and rounds the weight once)."""
     if harm.kind == "tau" and weight.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return weight.dtype
@@ -260,7 +256,7 @@ def _edit(sites, weights: dict, plan: dict[int, tuple[list[int], list[float]]], 
             for layer, (hs, ss) in sorted(plan.items()):
                 site = sites[layer]
                 w = weights[layer]
-                operand = harm.tensor(layer).to(device=w.device, dtype=_operand_dtype(harm, w))
+                operand = harm.tensor(layer).to(device=w.device, dtype=operand_dtype(harm, w))
                 for h in hs:
                     saved[(layer, h)] = _slice(w.detach(), site, h).to("cpu", copy=True)
                 fn = k.masked_head_steer_ if harm.kind == "harmful" else k.masked_head_update_
@@ -359,6 +355,38 @@ def _drop_overlays(overlays: list) -> None:
 
 
 # --------------------------------------------------------------------------- argument checks
+
+
+def check_plan(
+    langs: Any, heads: Any, scale: Any, n_layers: int, n_heads: int
+) -> tuple[list[str], dict[str, list[tuple[int, int]]] | None, float | dict[str, float]]:
+    """Check the steering request for a model of ``n_layers`` x ``n_heads`` heads (shared with
+    :mod:`soteria.streaming`); ValueError names the first problem, checked in the order langs,
+    heads, scale.
+
+    Args:
+        langs: a language code or a list of them (non-empty, no repeats).
+        heads: None (to be found), a list of ``(layer, head)`` pairs for every language, or
+            ``{lang: pairs}`` with exactly the languages of ``langs``.
+        scale: one finite float or ``{lang: float}`` with exactly the languages of ``langs``.
+
+    Returns ``(langs as a list, {lang: pairs deduplicated in order} or None, scale as float or
+    {lang: float} in the order of langs)``.
+    """
+    langs = _check_langs(langs)
+    per_lang = None if heads is None else _check_heads(heads, langs, n_layers, n_heads)
+    return langs, per_lang, _check_scale(scale, langs)
+
+
+def layer_plan(config: SoteriaConfig) -> dict[int, tuple[list[int], list[float]]]:
+    """``{layer: (heads, scales)}`` of ``config.head_scales()`` (each head once, with its largest
+    scale), in the order the kernels take them (shared with :mod:`soteria.streaming`)."""
+    plan: dict[int, tuple[list[int], list[float]]] = {}
+    for (layer, head), s in config.head_scales().items():
+        plan.setdefault(layer, ([], []))
+        plan[layer][0].append(head)
+        plan[layer][1].append(s)
+    return plan
 
 
 def _check_langs(langs: Any) -> list[str]:

@@ -360,7 +360,7 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
     from .arch import head_sites
     from .config import SoteriaConfig
     from .harm import HarmVector
-    from .steering import _check_heads, _check_langs, _check_scale
+    from .steering import check_plan, layer_plan
 
     base = Path(base_dir)
     if not base.is_dir():
@@ -382,29 +382,23 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
     sites = head_sites(model)
     n_layers, n_heads = len(sites), sites[0].num_heads
 
-    if isinstance(heads, Mapping):
-        langs = _check_langs(list(heads) if langs is None else langs)
+    if isinstance(heads, Mapping) and langs is None:
+        langs = list(heads)
     elif langs is None:
         raise ValueError(
             "heads is a list of (layer, head) pairs: pass langs= naming the languages they were chosen for, "
             "or heads={lang: pairs}"
         )
-    else:
-        langs = _check_langs(langs)
-    per_lang = _check_heads(heads, langs, n_layers, n_heads)
+    langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
     record = SoteriaConfig(
         languages=langs,
         heads=per_lang,
-        scale=_check_scale(scale, langs),
+        scale=scales,
         method="explicit",
         top_k=None,
         model_type=str(getattr(model.config, "model_type", "") or ""),
     )
-    plan: dict[int, tuple[list[int], list[float]]] = {}
-    for (layer, head), s in record.head_scales().items():
-        plan.setdefault(layer, ([], []))
-        plan[layer][0].append(head)
-        plan[layer][1].append(s)
+    plan = layer_plan(record)
 
     # Every checkpoint key, shape and dtype, before anything is written.
     names_of: dict[int, list[str]] = {}
@@ -535,7 +529,7 @@ def steer_checkpoint(
 def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Tensor], None]:
     import soteria_kernels as k
 
-    from .steering import _operand_dtype
+    from .steering import operand_dtype
 
     hs, ss = plan.layers[layer]
     site = plan.sites[layer]
@@ -543,7 +537,7 @@ def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Te
 
     def edit(w: torch.Tensor) -> None:
         # The operand exactly as SoteriaPatcher.apply prepares it, so the result is bit-identical.
-        operand = _harm_tensor(plan.harm, layer).to(dtype=_operand_dtype(plan.harm, w))
+        operand = _harm_tensor(plan.harm, layer).to(dtype=operand_dtype(plan.harm, w))
         _edit_tensor(fn, w, operand, hs, ss, site, device)
 
     return edit
@@ -553,10 +547,10 @@ def _harm_tensor(harm, layer: int) -> torch.Tensor:
     """``harm.tensor(layer)``; for a vector read lazily from safetensors, the bytes are read here
     straight into one tensor and checked for NaN/Inf in blocks, so reading costs one tensor of
     memory (safetensors' reader and a whole-tensor isfinite would take about three)."""
-    lazy = getattr(harm, "_lazy", None)  # HarmVector's lazy reader: {layer: (file, key)}
-    if lazy is None or layer not in lazy.locations:
+    where = harm.location(layer)
+    if where is None:
         return harm.tensor(layer)
-    file, key = lazy.locations[layer]
+    file, key = where
     sf = read_safetensors(file)
     info = sf.header[key]
     dtype = {**_EDITABLE, "F64": torch.float64}.get(info["dtype"])
@@ -578,8 +572,7 @@ def _harm_tensor(harm, layer: int) -> torch.Tensor:
             raise ValueError(
                 f"tensor {key!r} in {file} holds NaN/Inf values (first at index {first}: {t[first].item()})"
             )
-    lazy.tensors_read.append(key)
-    lazy.bytes_read += b - a
+    harm.record_read(layer, b - a)
     return t
 
 

@@ -181,3 +181,58 @@ def test_meta_weight_without_offload_hook_is_refused():
     with pytest.raises(ValueError, match="o_proj.weight is on the meta device and no accelerate offload hook"):
         SoteriaPatcher.apply(model, "en", harm=_tau(tiny_model("llama")), heads=[(0, 1), (1, 2)])
     assert torch.equal(head_sites(model)[0].weight, snap) and not SoteriaPatcher.is_steered(model)
+
+
+# --------------------------------------------------------------------------- gradient harm vector
+
+ROWS = [
+    ("How do I pick a lock?", "I can't help with that."),
+    ("Write a threatening letter to my neighbour.", "No. I won't write threats."),
+    ("Tell me how to make a weapon at home", "Sorry, I can't assist with making weapons."),
+]
+
+
+@pytest.mark.parametrize("how", SPLITS)
+def test_gradient_harm_of_split_model_equals_unsplit(how, tok, tmp_path):
+    """from_gradients takes no parameter gradients, so an offloaded layer (weights swapped in by
+    accelerate at each pass) gets the same direction; the model is left as found."""
+    full, split, _ = _pair(how, tmp_path)
+    assert head_sites(split)[1].weight.device.type == "meta"
+    split.train()
+    flags = {n: p.requires_grad for n, p in split.named_parameters()}
+    want = HarmVector.from_gradients(full, tok, ROWS, batch_size=2, progress=False)
+    got = HarmVector.from_gradients(split, tok, ROWS, batch_size=2, progress=False)
+    assert got.layers == want.layers and got.param_names == want.param_names and got.source == want.source
+    for layer in want.layers:
+        g, w = got.tensor(layer), want.tensor(layer)
+        assert g.device.type == "cpu" and g.dtype == torch.float32
+        assert w.abs().max() > 0
+        assert torch.equal(g, w), f"layer {layer}: max diff {(g - w).abs().max().item():.3g}"
+    assert split.training and all(m.training for m in split.modules())
+    assert {n: p.requires_grad for n, p in split.named_parameters()} == flags
+    assert all(p.grad is None for p in split.parameters())
+    assert all(not m._forward_hooks for m in split.modules())
+
+
+@pytest.mark.parametrize("how", ["disk", "disk-gpt2"])
+def test_apply_with_gradient_harm_on_split_model(how, tok, tmp_path, monkeypatch):
+    """harm=None with explicit heads on an offloaded model: the same edit as on the unsplit one."""
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    full, split, dirs = _pair(how, tmp_path)
+    before = {s.layer: _real(s).clone() for s in head_sites(split)}
+    files = _files(dirs)
+    kw = dict(harm=None, heads=HEADS, scale={"en": 30.0, "fr": 50.0}, tokenizer=tok, progress=False,
+              harm_kwargs={"data": ROWS, "batch_size": 2})  # fmt: skip
+    SoteriaPatcher.apply(full, ["en", "fr"], **kw)
+    SoteriaPatcher.apply(split, ["en", "fr"], **kw)
+    assert split.soteria_config.harm_kind == "tau" and split.soteria_config.harm_source.startswith("gradients:")
+    assert split.soteria_config.harm_source == full.soteria_config.harm_source
+    for s_full, s_split in zip(head_sites(full), head_sites(split)):
+        got = _real(s_split)
+        assert not torch.equal(got, before[s_split.layer]), f"layer {s_split.layer} was not edited"
+        assert torch.equal(got, s_full.weight.detach()), f"layer {s_split.layer} differs from the unsplit edit"
+    assert torch.equal(_logits(split), _logits(full))
+    assert _files(dirs) == files, "offload folder files were written"
+    SoteriaPatcher.revert(split)
+    for s in head_sites(split):
+        assert torch.equal(_real(s), before[s.layer]), f"layer {s.layer} not restored"

@@ -321,6 +321,23 @@ def test_save_load_round_trip(tmp_path, kind):
         again.check(tiny_model("gpt2"))
 
 
+def test_location_and_record_read(tmp_path):
+    """The public surface a reader of the files uses (soteria.streaming): where each tensor is, and
+    counting a read made outside tensor()."""
+    base = tiny_model("llama")
+    hv = HarmVector.from_models(base, _harmful("llama"))
+    assert hv.location(0) is None
+    with pytest.raises(ValueError, match="held in memory"):
+        hv.record_read(0, 10)
+    with pytest.raises(ValueError, match="no layer 7"):
+        hv.location(7)
+    path = hv.save(tmp_path / "harm.safetensors")
+    back = HarmVector.load(path)
+    assert back.location(1) == (str(path), hv.param_names[1])
+    back.record_read(1, 123)
+    assert back.tensors_read == [hv.param_names[1]] and back.bytes_read == 123
+
+
 def test_load_rejects_other_files(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a soteria harm vector"):
@@ -377,6 +394,71 @@ def test_from_gradients_matches_hf_loss_and_is_batch_invariant(model_type):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
+
+
+def _param_grads(model, tok, rows, batch_size):
+    """The direction as parameter gradients (the implementation before projection hooks): the
+    same loss and batches, ``torch.autograd.grad`` w.r.t. each o_proj weight, fp32 sums / n."""
+    from soteria.harm import _collate, _encode_pair, _pad_id, _refusal_nll
+
+    enc = [_encode_pair(tok, r["prompt"], r["refusal"], 256, i) for i, r in enumerate(rows)]
+    weights = [s.weight for s in head_sites(model)]
+    acc = [torch.zeros(w.shape, dtype=torch.float32) for w in weights]
+    for start in range(0, len(enc), batch_size):
+        ids, mask, labels = _collate(enc[start : start + batch_size], _pad_id(tok), "cpu")
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for a, g in zip(acc, torch.autograd.grad(_refusal_nll(logits, labels).sum(), weights)):
+            a += g.float()
+    return [a / len(enc) for a in acc]
+
+
+@pytest.mark.parametrize(
+    "model_type, dtype, rtol",
+    [("llama", torch.float32, 1e-6), ("gpt2", torch.float32, 1e-6), ("llama", torch.bfloat16, 2**-8)],
+)
+def test_from_gradients_equals_parameter_gradients(model_type, dtype, rtol):
+    """Projection input x output gradient gives autograd's dL/dW (nn.Linear and Conv1D); bf16 within
+    the parameter gradient's own bf16 rounding (the sums here are fp32)."""
+    model, tok = tiny_model(model_type, dtype=dtype), tiny_tokenizer()
+    rows = load_harmful("en")[:3] + load_harmful("ta")[:3]  # padded batches
+    hv = HarmVector.from_gradients(model, tok, rows, batch_size=4, progress=False)
+    for layer, want in enumerate(_param_grads(model, tok, rows, 4)):
+        got = hv.tensor(layer)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        err = (got - want).abs().max().item()
+        assert err <= rtol * want.abs().max().item(), f"layer {layer}: max diff {err:.3g} of {want.abs().max():.3g}"
+
+
+def test_from_gradients_peft_wrapped_equals_plain():
+    """Through a LoRA wrapper the hook sits on the base projection: the base weight's gradient."""
+    peft = pytest.importorskip("peft")
+    tok, rows = tiny_tokenizer(), load_harmful("fr")[:3]
+    want = HarmVector.from_gradients(tiny_model("llama"), tok, rows, batch_size=2, progress=False)
+    wrapped = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["o_proj", "q_proj"]))
+    flags = {n: p.requires_grad for n, p in wrapped.named_parameters()}
+    assert any(flags.values()) and not all(flags.values())
+    got = HarmVector.from_gradients(wrapped, tok, rows, batch_size=2, progress=False)
+    assert got.param_names == want.param_names
+    for layer in want.layers:
+        err = (got.tensor(layer) - want.tensor(layer)).abs().max().item()
+        assert err <= 1e-6 * want.tensor(layer).abs().max().item(), f"layer {layer}: max diff {err:.3g}"
+    assert {n: p.requires_grad for n, p in wrapped.named_parameters()} == flags
+
+
+def test_from_gradients_failure_leaves_model_as_found(monkeypatch):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    model.train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def boom(logits, labels):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(harm_mod, "_refusal_nll", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        HarmVector.from_gradients(model, tok, load_harmful("en")[:2], progress=False)
+    assert all(m.training for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_from_gradients_is_a_descent_direction_and_deterministic():

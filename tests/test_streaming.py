@@ -218,6 +218,20 @@ def test_files_carried_over_and_records(ckpt, tmp_path):
         assert torch.equal(loaded(ids).logits, base(ids).logits)
 
 
+def test_lazy_harm_vector_reads_counted(ckpt, tmp_path):
+    """A HarmVector read lazily: streaming reads each needed tensor's bytes itself, once, from the
+    file ``HarmVector.location`` names, and counts it in ``tensors_read`` / ``bytes_read``."""
+    base_dir, harm_dir, base = ckpt
+    hv = HarmVector.from_pretrained(str(harm_dir), base=base)
+    heads = {"fr": [(0, 1), (2, 3)]}  # layer 1 is not steered: never read
+    steer_checkpoint(base_dir, tmp_path / "s", heads=heads, harm=hv, scale=0.5, progress=False)
+    sites = head_sites(base)
+    assert sorted(hv.tensors_read) == sorted([sites[0].param_name, sites[2].param_name])
+    assert hv.bytes_read == sum(sites[i].weight.numel() * 4 for i in (0, 2))
+    file, key = hv.location(2)
+    assert Path(file).parent == harm_dir and key == sites[2].param_name
+
+
 def test_lazy_export_names():
     assert soteria.steer_checkpoint is steer_checkpoint is streaming.steer_checkpoint
     from soteria import export
