@@ -122,7 +122,8 @@ def report() -> list[dict]:
         for name, kernel, kwargs, num_warps in _cases():
             src = _source(kernel, kwargs)
             for target, cap in TARGETS.items():
-                compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
+                options = {"num_warps": num_warps, "enable_fp_fusion": True}  # as the launchers pass them
+                compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
                 cubin = Path(tmp) / f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}_{target}.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 usage = subprocess.run(

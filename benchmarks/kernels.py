@@ -19,7 +19,6 @@ shapes) and says that Triton timings need a GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -163,7 +162,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Triton kernels vs eager PyTorch.")
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows = run(args.quick)
     cols = [
         "op",

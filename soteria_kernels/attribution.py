@@ -168,7 +168,7 @@ def _head_attribution_triton(act, grad, baseline, num_heads: int, sum_rows: bool
         plan = _plan(act, grad, baseline, num_heads, sum_rows, num_sms(act.device))
     grid, kwargs, out_rows = plan
     out = _empty((out_rows, num_heads), act.device)
-    _head_attribution_kernel[grid](out_ptr=out, **kwargs, num_warps=NUM_WARPS)
+    _head_attribution_kernel[grid](out_ptr=out, **kwargs, num_warps=NUM_WARPS, enable_fp_fusion=True)
     return out.sum(0) if sum_rows else out.view(*lead, num_heads)
 
 

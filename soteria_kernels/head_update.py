@@ -114,7 +114,8 @@ def _plan(weight, other, heads, scales, head_dim: int, axis: int, fused: bool):
 
 def _launch(weight, other, heads, scales, head_dim: int, axis: int, fused: bool) -> None:
     grid, kwargs = _plan(weight, other, heads, scales, head_dim, axis, fused)
-    _masked_head_update_kernel[grid](**kwargs, num_warps=NUM_WARPS)
+    # fp fusion: ``w - s * x`` is one fma, so the fp32 result is rounded once
+    _masked_head_update_kernel[grid](**kwargs, num_warps=NUM_WARPS, enable_fp_fusion=True)
 
 
 @torch.library.custom_op("soteria::masked_head_update_", mutates_args=("weight",))
