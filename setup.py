@@ -24,7 +24,7 @@ setup(
         "torch>=2.4",
         # Triton wheels exist for Linux only; elsewhere the eager PyTorch path runs.
         "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=4.48",
+        "transformers>=4.56",  # from_pretrained(..., dtype=): 4.56 renamed torch_dtype; tested on 5.x
         "safetensors>=0.4.3",
         "huggingface-hub>=0.26",
         "tqdm>=4.64",

@@ -112,6 +112,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # make the rename itself durable
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

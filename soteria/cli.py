@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,29 +32,96 @@ def _dtype(name: str):
     return table[name]
 
 
-def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
-    """``(model, tokenizer)`` from a directory, a Hub id, or ``tiny:<model_type>`` (built locally)."""
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_source(spec: str, what: str = "model") -> str:
+    """``spec`` when it can name a model: ``tiny:<model_type>``, an existing path or a Hub id
+    (``name`` or ``owner/name``); otherwise FileNotFoundError naming it."""
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?", spec) is not None
+    if spec.startswith("tiny:") or Path(spec).exists() or hub_id:
+        return spec
+    raise FileNotFoundError(
+        f"{what} not found: {spec!r} is not a local folder, a Hub id (owner/name) or tiny:<model_type>"
+    )
+
+
+def check_device(device: str | None) -> str | None:
+    """``device`` when it is None, an accelerate device map name or a torch device this machine has;
+    otherwise ValueError."""
+    if device is None or device in _DEVICE_MAPS:
+        return device
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...) or device map (auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_tokenizer(spec: str, *, what: str = "tokenizer"):
+    """The tokenizer of a directory, a Hub id or ``tiny:<model_type>`` (the built-in tiny tokenizer)."""
+    check_source(spec, what)
     if spec.startswith("tiny:"):
-        from soteria.tiny import tiny_model, tiny_tokenizer
+        from soteria.tiny import tiny_tokenizer
 
-        torch_dtype = _dtype(dtype)
-        kwargs = {} if torch_dtype == "auto" else {"dtype": torch_dtype}
-        model = tiny_model(spec.split(":", 1)[1], **kwargs)
-        tokenizer = tiny_tokenizer()
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load the {what} {spec!r}: {_first_line(e)}") from None
+
+
+def load_causal_lm(spec: str, *, dtype: str = "auto", device: str | None = None, what: str = "model"):
+    """An eval-mode causal LM from a directory, a Hub id or ``tiny:<model_type>`` (built locally).
+
+    ``device``: a torch device (``cpu``, ``cuda:1``) or an accelerate device map (``auto``).
+    A bad spec, dtype or device is a FileNotFoundError / ValueError naming it.
+    """
+    check_source(spec, what)
+    device = check_device(device)
+    torch_dtype = _dtype(dtype)
+    if spec.startswith("tiny:"):
+        import torch
+
+        from soteria.tiny import tiny_model
+
+        model = tiny_model(spec.split(":", 1)[1], **({} if torch_dtype == "auto" else {"dtype": torch_dtype}))
+        if device in _DEVICE_MAPS:  # one small model: the first GPU, else the CPU
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is not None:
+            model = model.to(device)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        if os.path.sep in spec and not Path(spec).exists():
-            raise FileNotFoundError(f"model directory not found: {spec}")
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=_dtype(dtype), device_map=device)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    if device and spec.startswith("tiny:"):
-        model = model.to(device)
-    return model.eval(), tokenizer
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, device_map=device)
+        except OSError as e:
+            raise FileNotFoundError(f"cannot load {what} {spec!r}: {_first_line(e)}") from None
+    return model.eval()
+
+
+def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
+    """``(model, tokenizer)`` from a directory, a Hub id, or ``tiny:<model_type>`` (built locally);
+    the tokenizer is loaded first, so a folder without one fails before the weights are read."""
+    tokenizer = load_tokenizer(check_source(spec))
+    return load_causal_lm(spec, dtype=dtype, device=device), tokenizer
 
 
 def _langs(values: list[str]) -> list[str]:
-    langs = [x.strip() for v in values for x in v.split(",") if x.strip()]
+    """``--langs hi bn``, ``--langs hi,bn`` or ``--langs "hi bn"`` -> ``["hi", "bn"]``."""
+    langs = [x for v in values for x in re.split(r"[,\s]+", v) if x]
     if not langs:
         raise ValueError("give at least one language with --langs (e.g. --langs hi bn)")
     return langs
@@ -62,13 +130,20 @@ def _langs(values: list[str]) -> list[str]:
 def _scale(text: str):
     """``1.0`` or ``hi=1.0,bn=0.5``."""
     if "=" not in text:
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"bad --scale {text!r}; give a number (1.0) or LANG=VALUE pairs (hi=1.0,bn=0.5)") from None
     out = {}
     for part in text.split(","):
         lang, _, value = part.partition("=")
-        if not lang.strip() or not value.strip():
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not lang.strip() or number is None:
             raise ValueError(f"bad --scale entry {part!r}; use LANG=VALUE pairs, e.g. hi=1.0,bn=0.5")
-        out[lang.strip()] = float(value)
+        out[lang.strip()] = number
     return out
 
 
@@ -106,6 +181,16 @@ def _heads_arg(args, langs):
             raise ValueError(f"--heads-from has no scores for {', '.join(missing)} (found {', '.join(found)})")
         return {lang: found[lang] for lang in langs}
     return None
+
+
+def _harm_arg(harm: str | None):
+    """``--harm``: a saved HarmVector (``.safetensors`` file) is read here; a fine-tune (folder or
+    Hub id) or None is passed on as it is."""
+    if harm is not None and harm.endswith(".safetensors"):
+        from soteria.harm import HarmVector
+
+        return HarmVector.load(harm)
+    return harm
 
 
 def cmd_heads(args) -> int:
@@ -162,21 +247,14 @@ def cmd_steer(args) -> int:
             raise ValueError("--streaming needs --harm (a harmful fine-tune directory or a saved HarmVector)")
         if isinstance(heads, list):
             heads = {lang: heads for lang in langs}
-        harm = args.harm
-        if str(harm).endswith(".safetensors"):
-            from soteria.harm import HarmVector
-
-            harm = HarmVector.load(harm)
-        out = steer_checkpoint(args.model, args.out, heads=heads, harm=harm, scale=scale, overwrite=args.overwrite)
+        out = steer_checkpoint(
+            args.model, args.out, heads=heads, harm=_harm_arg(args.harm), scale=scale, overwrite=args.overwrite
+        )
     else:
         from soteria.steering import SoteriaPatcher
 
+        harm = _harm_arg(args.harm)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        harm = args.harm
-        if harm is not None and str(harm).endswith(".safetensors") and Path(harm).is_file():
-            from soteria.harm import HarmVector
-
-            harm = HarmVector.load(harm)
         SoteriaPatcher.apply(
             model, langs, harm=harm, scale=scale, top_k=args.top_k, heads=heads, tokenizer=tokenizer,
             method=args.method,
@@ -228,6 +306,7 @@ def _find_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from soteria.eval_cli import _positive, add_eval_parser
     from soteria.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -248,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-shots", type=int, default=10)
     p.add_argument("--n-trials", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive, default=None, help="prompts per forward pass (default: automatic)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
     p.add_argument("--out", default="soteria-heads", help="output directory (default: soteria-heads)")
     p.set_defaults(func=cmd_heads)
@@ -291,8 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="versions, devices and kernel backends for bug reports")
     p.set_defaults(func=cmd_env)
-
-    from soteria.eval_cli import add_eval_parser
 
     add_eval_parser(sub)
     return parser

@@ -39,17 +39,25 @@ def run_demo(
     n_trials: int = 6,
     overwrite: bool = True,
 ) -> dict:
-    """Runs the demo and returns its summary (also printed by :func:`main`)."""
+    """Runs the demo and returns its summary (printed by ``soteria demo``).
+
+    ``overwrite`` replaces ``out_dir`` only when it is empty or an earlier soteria output
+    (it holds ``soteria_config.json``); any other existing path is a FileExistsError, raised
+    before any work.
+    """
     from transformers import AutoModelForCausalLM
 
     from soteria import HarmVector, SoteriaPatcher, find_heads, save_steered
     from soteria.arch import head_sites
+    from soteria.export import CONFIG_NAME
     from soteria.harm import refusal_loss
     from soteria.harmful_data import load_harmful
-    from soteria.heads import HeadScores
     from soteria.tiny import tiny_model, tiny_tokenizer
 
     out_dir = Path(out_dir)
+    replaceable = (out_dir / CONFIG_NAME).is_file() or (out_dir.is_dir() and not any(out_dir.iterdir()))
+    if out_dir.exists() and not (overwrite and replaceable):
+        raise FileExistsError(f"{out_dir} already exists and is not an earlier soteria output; choose another --out")
     langs = list(langs)
     times: dict[str, float] = {}
     with _stage(times, "build model"):
@@ -89,7 +97,6 @@ def run_demo(
     total = sum(p.numel() for p in original.values())
     union = set().union(*map(set, heads.values()))
     shared = set.intersection(*map(set, heads.values())) if len(langs) > 1 else union
-    assert isinstance(scores[langs[0]], HeadScores)
     return {
         "out_dir": str(out_dir),
         "langs": langs,
@@ -118,9 +125,10 @@ def format_summary(s: dict) -> str:
     ]
     for lang in s["langs"]:
         top = ", ".join(f"({l},{h})" for l, h in s["heads"][lang][:6])
+        more = ", ..." if len(s["heads"][lang]) > 6 else ""
         lines.append(
             f"{lang:<10}{len(s['heads'][lang]):>7}{s['refusal_nll_before'][lang]:>20.4f}"
-            f"{s['refusal_nll_after'][lang]:>9.4f}   {top}, ..."
+            f"{s['refusal_nll_after'][lang]:>9.4f}   {top}{more}"
         )
     lines += [
         "",

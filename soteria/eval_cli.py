@@ -1,10 +1,8 @@
 """``soteria eval``: attack success rate per language and utility, before and after steering.
 
-Wire it into the main CLI with::
-
-    from .eval_cli import add_eval_parser, run_eval
-    add_eval_parser(subparsers)          # adds the "eval" sub-command (sets func=run_eval)
-
+:func:`soteria.cli.build_parser` adds the sub-command with ``add_eval_parser(subparsers)``
+(it sets ``func=run_eval``); models load through :mod:`soteria.cli`'s loaders, so MODEL and
+``--steered`` take the same specs as the other commands (a folder, a Hub id, ``tiny:llama``).
 ``run_eval(args)`` returns the exit status. A user's mistake raises ValueError or
 FileNotFoundError (the main CLI turns them into exit status 2 with a one-line message).
 The LLM judge's API key is read from ``$SOTERIA_JUDGE_API_KEY`` (or ``$OPENAI_API_KEY``) only,
@@ -14,7 +12,6 @@ never from the command line, so it stays out of shell history and process listin
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +54,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     m = p.add_argument_group("models")
-    m.add_argument("model", help="the original model: a local folder or Hub id")
+    m.add_argument("model", help="the original model: a local folder, a Hub id or tiny:<model_type>")
     m.add_argument("--steered", help="the steered model (folder or Hub id) to compare against MODEL")
     m.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: MODEL's)")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -116,56 +113,24 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
-
-
-def _check_source(text: str, what: str) -> str:
-    if not Path(text).exists() and not _looks_like_hub_id(text):
-        raise FileNotFoundError(f"{what} {text!r} is neither a local folder nor a Hub id (owner/name)")
-    return text
-
-
-def _device(name: str):
-    import torch
+def _device(name: str) -> str:
+    """``auto``: the first GPU when there is one, else the CPU; anything else is checked."""
+    from .cli import check_device
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        import torch
 
-
-def _load_model(path: str, dtype: str, device, what: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    _check_source(path, what)
-    kwargs: dict[str, Any] = {}
-    if dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load {what} {path!r}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
-
-
-def _langs(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    langs = [x.strip() for v in values for x in re.split(r"[,\s]+", v) if x.strip()]
-    if not langs:
-        raise ValueError("--langs is empty; give codes like hi bn")
-    return langs
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(name)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``soteria eval`` with parsed ``args``; print the table; return 0."""
-    from transformers import AutoTokenizer
+    """Run ``soteria eval`` with parsed ``args``; print the table; return 0.
 
-    from .evaluation import evaluate
+    Everything cheap (prompts, judge, device, model names) is checked before the models load.
+    """
+    from .cli import _langs, check_source, load_causal_lm, load_tokenizer
+    from .evaluation import evaluate, load_prompts, make_judge
 
     out = Path(args.out)
     judge_kwargs: dict[str, Any] = {}
@@ -181,6 +146,8 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     elif args.judge_url or args.judge_model:
         raise ValueError("--judge-url / --judge-model apply to --judge llm only")
+    elif args.judge not in ("refusal", "refusal-phrases", "baseline"):  # a classifier or guard model
+        judge_kwargs = dict(progress=not args.no_progress)
     prompt_kwargs = {
         k: v
         for k, v in dict(
@@ -192,29 +159,28 @@ def run_eval(args: argparse.Namespace) -> int:
         ).items()
         if v is not None
     }
-    langs = _langs(args.langs)
+    langs = None if args.langs is None else _langs(args.langs)
+    try:
+        prompts = load_prompts(args.prompts, langs=langs, limit=args.limit, **prompt_kwargs)
+    except ImportError as e:  # an optional package (datasets) the chosen prompt set needs
+        raise ValueError(str(e)) from e
+    judge = make_judge(args.judge, **judge_kwargs)
 
     device = _device(args.device)
-    _check_source(args.model, "MODEL")
+    check_source(args.model, "MODEL")
     if args.steered:
-        _check_source(args.steered, "--steered")
-    tok_path = _check_source(args.tokenizer or args.model, "--tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load the tokenizer {tok_path!r}: {str(e).splitlines()[0]}") from None
-    model = _load_model(args.model, args.dtype, device, "MODEL")
-    steered = _load_model(args.steered, args.dtype, device, "--steered") if args.steered else None
+        check_source(args.steered, "--steered")
+    tokenizer = load_tokenizer(args.tokenizer or args.model, what="--tokenizer")
+    model = load_causal_lm(args.model, dtype=args.dtype, device=device, what="MODEL")
+    steered = load_causal_lm(args.steered, dtype=args.dtype, device=device, what="--steered") if args.steered else None
 
     report = evaluate(
         model,
         tokenizer,
         steered=steered,
         langs=langs,
-        prompts=args.prompts,
-        judge=args.judge,
-        judge_kwargs=judge_kwargs,
-        prompt_kwargs=prompt_kwargs,
+        prompts=prompts,
+        judge=judge,
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -232,17 +198,3 @@ def run_eval(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"\nwrote {out / 'report.json'}, {out / 'asr.png'}, {out / 'judgments.jsonl'}")
     return 0
-
-
-def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - the lead's soteria CLI is the entry point
-    parser = argparse.ArgumentParser(prog="soteria")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"soteria eval: error: {e}\n")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())

@@ -216,10 +216,8 @@ def save_steered(
     if config is None:
         raise ValueError("the model is not steered: call soteria.SoteriaPatcher.apply(model, ...) first")
     sites = head_sites(inner)
-    n_changed = 0
-    for layer, _head in config.head_scales():
-        site = sites[layer]
-        n_changed += site.head_dim * int(site.weight.shape[0 if site.head_axis % 2 == 1 else 1])
+    # One head's slice of an output projection: d_model x D, in either weight layout.
+    n_changed = sum(sites[layer].weight.numel() // sites[layer].num_heads for layer, _ in config.head_union)
     n_total = sum(p.numel() for p in inner.parameters())
     if base_model is None:
         base_model = _hub_id(getattr(inner.config, "name_or_path", None))

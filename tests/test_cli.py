@@ -90,6 +90,32 @@ def test_steer_heads_from_scores(tmp_path, capsys):
         (["steer", "{tmp}/no/such/model", "--langs", "hi", "--heads", "0:1", "--out", "{tmp}/s"], "not found"),
         (["heads", "tiny:nosuchfamily", "--langs", "hi", "--out", "{tmp}/h"], "unknown model_type"),
         (["heads", "tiny:llama", "--langs", "hi", "--dtype", "int8", "--out", "{tmp}/h"], "unknown dtype"),
+        (["heads", "tiny:llama", "--langs", "hi", "--device", "nonsense", "--out", "{tmp}/h"], "not a device"),
+        (["heads", "tiny:llama", "--langs", "hi", "--device", "cuda:99", "--out", "{tmp}/h"], "--device cuda:99"),
+        (
+            ["steer", "tiny:llama", "--langs", "hi", "--heads", "0:1", "--scale", "abc", "--out", "{tmp}/s"],
+            "bad --scale",
+        ),
+        (["steer", "tiny:llama", "--langs", "hi", "--heads", "0:1", "--scale", "hi=x", "--out", "{tmp}/s"], "--scale"),
+        (
+            [
+                "steer",
+                "tiny:llama",
+                "--langs",
+                "hi",
+                "--heads",
+                "0:1",
+                "--harm",
+                "{tmp}/v.safetensors",
+                "--out",
+                "{tmp}/s",
+            ],
+            "no harm vector file",
+        ),  # fmt: skip
+        (["eval", "{tmp}/no/such/model", "--out", "{tmp}/e"], "not found"),
+        (["eval", "tiny:llama", "--device", "nonsense", "--out", "{tmp}/e"], "not a device"),
+        (["eval", "tiny:llama", "--judge", "nosuch", "--out", "{tmp}/e"], "judge 'nosuch'"),
+        (["eval", "tiny:llama", "--langs", "xx", "--out", "{tmp}/e"], "no prompts for xx"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -101,9 +127,62 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert "Traceback" not in err
 
 
-def test_argparse_errors_exit_2():
+def test_models_by_hub_id_and_tiny_in_every_command(tmp_path, capsys, monkeypatch):
+    """A Hub id loads (served from a local Hub cache: the Hub itself is offline here), and
+    ``soteria eval`` takes ``tiny:<model_type>`` like the other commands."""
+    from huggingface_hub import constants
+
+    from soteria.tiny import tiny_model, tiny_tokenizer
+
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tiny_model("llama").save_pretrained(snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    code, out, err = _run(
+        capsys, "steer", "someone/tiny-llama", "--langs", "hi", "--heads", "0:1", "--out", str(tmp_path / "s")
+    )
+    assert code == 0, err
+    assert "steered 1 heads for hi" in out
+    code, out, err = _run(
+        capsys, "eval", "tiny:llama", "--steered", str(tmp_path / "s"), "--langs", "hi", "--limit", "1",
+        "--max-new-tokens", "2", "--no-utility", "--no-progress", "--out", str(tmp_path / "e"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "ASR before" in out
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["meta"]["prompts"] == "smoke" and report["meta"]["models"]["before"].startswith("llama@")
+
+
+def test_eval_without_datasets_is_a_user_error(tmp_path, capsys, monkeypatch):
+    from soteria.tiny import tiny_model, tiny_tokenizer
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    code, _, err = _run(capsys, "eval", str(tmp_path / "m"), "--prompts", "multijail", "--out", str(tmp_path / "e"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pip install datasets" in err
+
+
+def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "demo", "--out", str(mine))
+    assert code == 2 and "not an earlier soteria output" in err
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+
+
+def test_argparse_errors_exit_2(capsys):
     proc = subprocess.run([sys.executable, "-m", "soteria", "steer", "tiny:llama"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--langs" in proc.stderr
+    with pytest.raises(SystemExit) as info:
+        main(["heads", "tiny:llama", "--langs", "hi", "--batch-size", "0"])
+    assert info.value.code == 2 and "--batch-size: expected a positive integer" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -117,6 +196,8 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (tmp_path / "demo" / "heads" / f"{lang}.png").exists()
     text = format_summary(summary)
     assert "parameters changed" in text and "hi" in text
+    assert ", ..." not in text  # 4 heads per language: all of them are listed
+    assert ", ..." in format_summary({**summary, "heads": {k: v * 2 for k, v in summary["heads"].items()}})
     # the folder loads with plain transformers where soteria cannot be imported
     code = (
         "import sys; sys.modules['soteria'] = sys.modules['soteria_kernels'] = None\n"

@@ -147,3 +147,15 @@ def test_guard_judge_uses_the_chat_template_and_loads_from_disk(tmp_path):
 def test_parse_guard(answer, label):
     assert parse_guard(answer) == label
     assert parse_guard("Yes", harmful_words=("yes",), safe_words=("no",)) == HARMFUL
+
+
+def test_model_judges_show_a_progress_bar_on_request(capsys):
+    tok = tiny_tokenizer()
+    model = _classifier({0: "safe", 1: "unsafe"})
+    assert ClassifierJudge(model, tok, progress=True).judge(PROMPTS, RESPONSES)
+    assert "judge" in capsys.readouterr().err
+    ClassifierJudge(model, tok).judge(PROMPTS, RESPONSES)
+    assert "judge" not in capsys.readouterr().err  # off by default (the Python API)
+    guard, gtok = _guard("safe")
+    assert GuardJudge(guard, gtok, max_new_tokens=1, progress=True).judge(PROMPTS, RESPONSES) == [SAFE] * 5
+    assert "judge" in capsys.readouterr().err

@@ -175,3 +175,19 @@ def test_string_prompts_and_validation():
         generate_responses(model, tok, "a", progress=False)
     with pytest.raises(ValueError, match="2 prompts but 1 languages"):
         generate_responses(model, tok, ["a", "b"], langs=["en"], progress=False)
+
+
+def test_model_id_separates_a_steered_model_even_when_weights_cannot_be_read(monkeypatch):
+    """Offloaded (meta) output projections fingerprint by shape only; the steering record still
+    keeps a steered model's stored responses apart from its original's."""
+    from soteria import SoteriaPatcher, cache
+    from soteria.evaluation.generation import model_id
+    from soteria.harm import HarmVector
+    from soteria.tiny import tiny_model
+
+    monkeypatch.setattr(cache, "model_fingerprint", lambda model, full=None: "0" * 64)  # unreadable weights
+    base = tiny_model("llama")
+    harm = HarmVector.from_models(base, tiny_model("llama", seed=1))
+    steered = SoteriaPatcher.apply(tiny_model("llama"), ["hi"], heads=[(0, 1)], harm=harm, scale=0.5)
+    assert model_id(base) != model_id(steered)
+    assert model_id(base) == model_id(tiny_model("llama"))

@@ -92,3 +92,35 @@ def test_probe_accuracy_matches_direct_count():
     assert res["total"] == 6 and res["correct"] == hits and res["accuracy"] == hits / 6
     with pytest.raises(ValueError, match="unknown probe language"):
         probe_accuracy(fresh, tok, "xx")
+
+
+def test_probe_accuracy_reads_each_rows_last_real_token():
+    """A model that answers right only at the exact end of chosen prompts (an oracle hook on the
+    logits): accuracy must count exactly those, so the padded batch is read at each row's last
+    real token and compared with that row's target. (A random tiny model scores 0 either way.)"""
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    tasks = ["antonym", "country_capital"]
+    oracle, expected = {}, {}
+    for task in tasks:
+        pp = build_prompts(load_task("en", task), tok, n_shots=3, n_trials=4, seed=1)
+        chosen = [(p, t) for i, (p, t) in enumerate(zip(pp.clean, pp.target_ids)) if i % 2 == 0]
+        oracle.update({tuple(tok(p)["input_ids"]): t for p, t in chosen})
+        expected[task] = len(chosen) / len(pp.clean)
+
+    def answer(module, args, kwargs, output):
+        ids = kwargs["input_ids"]
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1]):  # the prefix includes any padding: only the real end matches
+                target = oracle.get(tuple(ids[b, : t + 1].tolist()))
+                if target is not None:
+                    output.logits[b, t, target] += 1e4
+        return output
+
+    handle = model.register_forward_hook(answer, with_kwargs=True)
+    try:
+        res = probe_accuracy(model, tok, "en", tasks=tasks, n_shots=3, max_prompts=4, seed=1, batch_size=3)
+    finally:
+        handle.remove()
+    assert res["per_task"] == expected and res["total"] == 8
+    assert res["correct"] == len(oracle) == 4 and res["accuracy"] == 0.5

@@ -48,13 +48,21 @@ def model_id(model: nn.Module) -> str:
 
     The digest is :func:`soteria.cache.model_fingerprint` (output projections hashed in full,
     the rest sampled); for an architecture soteria cannot read, every tensor is hashed in full.
+    A steered model's :class:`~soteria.SoteriaConfig` is hashed too, so it never shares an id with
+    its original even where the weights cannot be read (offloaded to ``meta``).
     """
+    import hashlib
+
     from ..cache import model_fingerprint
+    from ..steering import SoteriaPatcher
 
     try:
         digest = model_fingerprint(model)
     except ValueError:
         digest = model_fingerprint(model, full={n for n, _ in model.named_parameters(remove_duplicate=False)})
+    config = SoteriaPatcher.config(model)
+    if config is not None:
+        digest = hashlib.sha256(f"{digest}:{config.to_json(indent=None)}".encode()).hexdigest()
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__
     return f"{os.path.basename(str(name).rstrip('/')) or type(model).__name__}@{digest[:16]}"

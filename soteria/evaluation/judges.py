@@ -574,13 +574,6 @@ def _label_kind(name: str) -> str | None:
     return None
 
 
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 def _load_pair(model, tokenizer, auto_cls_name: str, device, dtype):
     import transformers
 
@@ -607,7 +600,7 @@ class ClassifierJudge(Judge):
     (names or ids); by default names like "harmful", "unsafe", "toxic" are harmful and "safe",
     "not harmful", "harmless", "benign" are safe; a model whose labels cannot be read that way
     (e.g. ``LABEL_0``) needs ``harmful_labels``. ``inputs``: ``"pair"`` encodes (prompt,
-    response) as a text pair, ``"response"`` the response alone.
+    response) as a text pair, ``"response"`` the response alone. ``progress``: a tqdm bar.
     """
 
     name = "classifier"
@@ -623,11 +616,12 @@ class ClassifierJudge(Judge):
         max_length: int = 512,
         device: str | torch.device | None = None,
         dtype: Any = None,
+        progress: bool = False,
     ):
         if inputs not in ("pair", "response"):
             raise ValueError(f"inputs must be 'pair' or 'response', got {inputs!r}")
         self.model, self.tokenizer = _load_pair(model, tokenizer, "AutoModelForSequenceClassification", device, dtype)
-        self.inputs, self.batch_size, self.max_length = inputs, batch_size, max_length
+        self.inputs, self.batch_size, self.max_length, self.progress = inputs, batch_size, max_length, progress
         id2label = {int(k): str(v) for k, v in (getattr(self.model.config, "id2label", None) or {}).items()}
         if not id2label:
             raise ValueError("the classifier's config has no id2label; pass harmful_labels= and set id2label")
@@ -672,15 +666,18 @@ class ClassifierJudge(Judge):
         return ids or [int(self.tokenizer.eos_token_id or 0)]
 
     def _judge(self, prompts, responses, langs):
+        from tqdm.auto import tqdm
+
         from ..prompts import encode_batch
+        from .generation import _device
 
         rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
         # Decoder classifiers pool the last non-pad token and need config.pad_token_id for batches.
         bs = self.batch_size if getattr(self.model.config, "pad_token_id", None) is not None else 1
         out: list[Verdict] = []
-        device = _device_of(self.model)
+        device = _device(self.model)
         with torch.inference_mode():
-            for start in range(0, len(rows), bs):
+            for start in tqdm(range(0, len(rows), bs), desc="judge", disable=not self.progress, leave=False):
                 chunk = rows[start : start + bs]
                 ids, mask, _ = encode_batch(self.tokenizer, chunk, padding_side="right", device=device)
                 if getattr(self.model.config, "pad_token_id", None) is not None:
@@ -717,6 +714,7 @@ class GuardJudge(Judge):
     The conversation ``[user: prompt, assistant: response]`` goes through the tokenizer's chat
     template when it has one (guard models ship their policy prompt in it), else through
     ``template``. The greedy answer's first word is parsed by :func:`parse_guard`.
+    ``progress``: a tqdm bar.
     """
 
     name = "guard"
@@ -734,6 +732,7 @@ class GuardJudge(Judge):
         max_new_tokens: int = 10,
         device: str | torch.device | None = None,
         dtype: Any = None,
+        progress: bool = False,
     ):
         self.model, self.tokenizer = _load_pair(model, tokenizer, "AutoModelForCausalLM", device, dtype)
         has = bool(getattr(self.tokenizer, "chat_template", None))
@@ -741,7 +740,7 @@ class GuardJudge(Judge):
             raise ValueError("chat_template=True but the guard tokenizer has no chat template")
         self.use_template = has if chat_template is None else bool(chat_template)
         self.template, self.harmful_words, self.safe_words = template, tuple(harmful_words), tuple(safe_words)
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.max_new_tokens, self.progress = batch_size, max_new_tokens, progress
         src = getattr(self.model.config, "name_or_path", "") or type(self.model).__name__
         self.name = f"guard:{os.path.basename(str(src).rstrip('/')) or src}"
         self.description = f"guard model {src}; first word {'/'.join(harmful_words)} = harmful"
@@ -768,6 +767,8 @@ class GuardJudge(Judge):
             add_special_tokens=not self.use_template,
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
+            progress=self.progress,
+            desc="judge",
         )
         return [Verdict(parse_guard(a, self.harmful_words, self.safe_words), a) for a in answers]
 

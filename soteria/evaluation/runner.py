@@ -15,6 +15,7 @@ from ..atomic import atomic_write_text
 from .generation import GenerationStore, generate_responses, model_id
 from .judges import Judge, make_judge
 from .prompt_sets import (
+    EvalPrompt,
     eval_languages,
     harmless_prompts,
     heldout_texts,
@@ -62,6 +63,8 @@ def _source_name(prompts: Any) -> str:
         return "smoke"
     if isinstance(prompts, (str, os.PathLike)):
         return os.fspath(prompts)
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, EvalPrompt) for p in prompts):
+        return ", ".join(dict.fromkeys(p.source or "prompts" for p in prompts))  # e.g. "smoke", "hub:owner/name"
     return type(prompts).__name__
 
 

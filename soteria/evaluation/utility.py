@@ -22,16 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prompts import encode_batch
-from .generation import _eval_mode
+from .generation import _device, _eval_mode
 
 __all__ = ["next_token_kl", "perplexity", "probe_accuracy"]
-
-
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 def _texts(texts: Any, what: str) -> list[str]:
