@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model_state import frozen_eval
+
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "indirect_effects", "mean_activations"]
 
 METHODS = ("atp", "exact")
@@ -183,36 +185,6 @@ def _batches(n: int, size: int):
 
 
 @contextlib.contextmanager
-def _model_state(model: nn.Module, *, grad: bool):
-    """Eval mode for the duration (dropout off); with ``grad``, autograd on but parameters frozen."""
-    training = [(m, m.training) for m in model.modules()]
-    # By (module, name), not by tensor: accelerate's offload hooks replace an offloaded layer's
-    # meta placeholders on every forward pass, so the objects seen here do not survive it.
-    frozen = (
-        [(m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None and p.requires_grad]
-        if grad
-        else []
-    )
-    try:
-        model.eval()
-        for m, n in frozen:
-            m._parameters[n].requires_grad_(False)
-        if grad:
-            with torch.enable_grad():
-                yield
-        else:
-            with torch.no_grad():
-                yield
-    finally:
-        for m, n in frozen:
-            p = m._parameters.get(n)
-            if p is not None and p.is_leaf:
-                p.requires_grad_(True)
-        for m, mode in training:
-            m.training = mode
-
-
-@contextlib.contextmanager
 def _pre_hooks(sites, make_hook: Callable[[int, Any], Callable]):
     handles = []
     try:
@@ -327,7 +299,7 @@ def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world
 
         return hook
 
-    with _model_state(model, grad=False), _pre_hooks(sites, make_hook):
+    with frozen_eval(model, grad=False), _pre_hooks(sites, make_hook):
         for a, b in _batches(len(mine), bs):
             rows = mine[a:b]
             batch_ids, mask, last = _encode(tokenizer, [ids[i] for i in rows], device)
@@ -406,7 +378,7 @@ def _atp(model, tokenizer, sites, means, prompts, groups, targets, bs, progress)
 
         return hook
 
-    with _model_state(model, grad=True), _pre_hooks(sites, make_hook):
+    with frozen_eval(model, grad=True), _pre_hooks(sites, make_hook):
         for a, b in _batches(n, bs):
             ids, mask, last = _encode(tokenizer, prompts[a:b], device)
             state.update(B=b - a, last=last, deltas=[None] * L, acts=[None] * L)
@@ -453,7 +425,7 @@ def _exact(model, tokenizer, sites, means, prompts, groups, targets, bs, progres
 
         return hook
 
-    with _model_state(model, grad=False), _pre_hooks(sites, make_hook):
+    with frozen_eval(model, grad=False), _pre_hooks(sites, make_hook):
         for a, b in _batches(n, bs):
             B = b - a
             ids, mask, last = _encode(tokenizer, prompts[a:b], device)

@@ -22,7 +22,6 @@ metadata ``format = "soteria.harm"``). A harmful-kind file is itself a valid sub
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model_state import frozen_eval
 from .version import __version__
 
 __all__ = ["FORMAT", "KINDS", "HarmVector", "refusal_loss"]
@@ -621,7 +621,7 @@ class HarmVector:
         # No parameter gradients: accelerate swaps an offloaded layer's placeholder weights for
         # the real ones at every forward pass, so the Parameter objects are not what the graph
         # uses. dL/dW_o is formed from each projection's input and output gradient instead.
-        with torch.inference_mode(False), _frozen_eval(model), _WeightGrads(sites) as wg:
+        with torch.inference_mode(False), frozen_eval(model, grad=True), _WeightGrads(sites) as wg:
             starts = range(0, len(encoded), batch_size)
             for start in tqdm(starts, desc="harm gradients", unit="batch", disable=None if progress else True):
                 ids, mask, labels = _collate(encoded[start : start + batch_size], pad, device)
@@ -846,30 +846,6 @@ def _refusal_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     rows = keep.nonzero()[:, 0]
     per_row = torch.zeros(labels.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
     return per_row / keep.sum(1).clamp_min(1).to(torch.float32)
-
-
-@contextlib.contextmanager
-def _frozen_eval(model: nn.Module):
-    """Eval mode, every parameter frozen, autograd on; flags and modes restored on exit.
-
-    Flags are kept by (module, name), not by tensor: accelerate's offload hooks replace an
-    offloaded layer's placeholder parameters on every forward pass.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    frozen = [(m, n) for m in model.modules() for n, p in m._parameters.items() if p is not None and p.requires_grad]
-    try:
-        model.eval()
-        for m, n in frozen:
-            m._parameters[n].requires_grad_(False)
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, n in frozen:
-            p = m._parameters.get(n)
-            if p is not None and p.is_leaf:
-                p.requires_grad_(True)
-        for m, mode in modes:
-            m.training = mode
 
 
 class _WeightGrads:

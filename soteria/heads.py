@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .probes import lang_list
 from .version import __version__
 
 __all__ = ["HeadScores", "HeadSet", "find_heads", "find_heads_multi"]
@@ -379,21 +380,6 @@ def find_heads(
     )[lang]
 
 
-def _lang_list(langs: Any) -> list[str]:
-    if isinstance(langs, str):
-        langs = [langs]
-    try:
-        out = list(langs)
-    except TypeError:
-        raise ValueError(f"langs must be a language code or a list of them, got {type(langs).__name__}") from None
-    if not out or not all(isinstance(x, str) and x for x in out):
-        raise ValueError(f"langs must be a non-empty list of language codes, got {langs!r}")
-    repeated = sorted({x for x in out if out.count(x) > 1})
-    if repeated:
-        raise ValueError(f"langs repeat: {', '.join(repeated)}")
-    return out
-
-
 def find_heads_multi(
     model: nn.Module,
     tokenizer,
@@ -432,7 +418,7 @@ def find_heads_multi(
 
     if method not in attribution.METHODS:
         raise ValueError(f"method must be one of {attribution.METHODS}, got {method!r}")
-    langs = _lang_list(langs)
+    langs = lang_list(langs)
     tasks_by_lang = dict(tasks_by_lang or {})
     unknown = [x for x in tasks_by_lang if x not in langs]
     if unknown:

@@ -335,3 +335,19 @@ def resolve_tasks(lang: str, tasks: Any = None) -> dict[str, list[Pair]]:
             f"got {type(tasks).__name__}"
         )
     return {name: load_task(lang, name) for name in names}
+
+
+def lang_list(langs: Any) -> list[str]:
+    """``langs`` (one code or a sequence of codes) as a non-empty list of distinct codes; ValueError otherwise."""
+    if isinstance(langs, str):
+        langs = [langs]
+    try:
+        out = list(langs)
+    except TypeError:
+        raise ValueError(f"langs must be a language code or a list of them, got {type(langs).__name__}") from None
+    if not out or not all(isinstance(x, str) and x.strip() for x in out):
+        raise ValueError(f"langs must be a non-empty list of language codes, got {langs!r}")
+    repeated = sorted({x for x in out if out.count(x) > 1})
+    if repeated:
+        raise ValueError(f"langs repeat: {', '.join(repeated)}")
+    return out

@@ -38,6 +38,7 @@ from torch import nn
 
 from .config import SoteriaConfig
 from .harm import HarmVector
+from .probes import lang_list
 
 __all__ = ["SoteriaPatcher", "check_plan", "layer_plan", "operand_dtype"]
 
@@ -373,7 +374,7 @@ def check_plan(
     Returns ``(langs as a list, {lang: pairs deduplicated in order} or None, scale as float or
     {lang: float} in the order of langs)``.
     """
-    langs = _check_langs(langs)
+    langs = lang_list(langs)
     per_lang = None if heads is None else _check_heads(heads, langs, n_layers, n_heads)
     return langs, per_lang, _check_scale(scale, langs)
 
@@ -387,20 +388,6 @@ def layer_plan(config: SoteriaConfig) -> dict[int, tuple[list[int], list[float]]
         plan[layer][0].append(head)
         plan[layer][1].append(s)
     return plan
-
-
-def _check_langs(langs: Any) -> list[str]:
-    if isinstance(langs, str):
-        langs = [langs]
-    try:
-        out = list(langs)
-    except TypeError:
-        raise ValueError(f"langs must be a language code or a list of them, got {type(langs).__name__}") from None
-    if not out or not all(isinstance(x, str) and x.strip() for x in out):
-        raise ValueError(f"langs must be a non-empty list of language codes, got {langs!r}")
-    if len(set(out)) != len(out):
-        raise ValueError(f"langs repeat: {out}")
-    return out
 
 
 def _check_scale(scale: Any, langs: list[str]) -> float | dict[str, float]:
