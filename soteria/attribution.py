@@ -184,6 +184,25 @@ def _batches(n: int, size: int):
 # --------------------------------------------------------------------------- model plumbing
 
 
+def _refuse_prompt_learning(model: nn.Module) -> None:
+    """Prompt/prefix/p-tuning PEFT adapters put virtual tokens before the input: positions (and
+    the last real token) then no longer match the prompts, so such models are refused."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return
+    active = getattr(model, "active_adapter", None)
+    names = [active] if isinstance(active, str) else list(active or configs)
+    for name in names:
+        cfg = configs.get(name)
+        if getattr(cfg, "is_prompt_learning", False):
+            kind = getattr(getattr(cfg, "peft_type", None), "value", type(cfg).__name__)
+            raise ValueError(
+                f"adapter {name!r} is a prompt-learning adapter ({kind}): its virtual tokens shift every position, "
+                "so head attribution cannot be read at the prompts' last token; merge or remove it, or score the base "
+                "model (model.get_base_model())"
+            )
+
+
 @contextlib.contextmanager
 def _pre_hooks(sites, make_hook: Callable[[int, Any], Callable]):
     handles = []
@@ -505,6 +524,7 @@ def indirect_effects(
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _refuse_prompt_learning(model)
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     clean = _prompt_list(clean_prompts, "clean_prompts")

@@ -303,3 +303,16 @@ def test_peft_wrapped_model_keeps_only_needed_logits(tok, monkeypatch):
         indirect_effects(wrapped, tok, CLEAN, CORRUPTED, TARGETS, method=method, batch_size=3)
     lengths = {len(_ids(tok, p)) for p in CORRUPTED}  # the distinct last positions of a batch
     assert widths and max(widths) <= len(lengths), widths
+
+
+def test_prompt_learning_adapters_are_refused():
+    """Virtual tokens shift positions: the last-token read would be wrong, so refuse clearly."""
+    peft = pytest.importorskip("peft")
+    from soteria.tiny import tiny_model, tiny_tokenizer
+
+    model = peft.get_peft_model(
+        tiny_model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="prompt-learning adapter"):
+        indirect_effects(model, tok, ["Q: a\nA: b"], ["Q: a\nA: c"], [" b"])
