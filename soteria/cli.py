@@ -306,7 +306,7 @@ def _find_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from soteria.eval_cli import _positive, add_eval_parser
+    from soteria.eval_cli import add_eval_parser, positive_int
     from soteria.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-shots", type=int, default=10)
     p.add_argument("--n-trials", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive, default=None, help="prompts per forward pass (default: automatic)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="prompts per forward pass (default: auto)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
     p.add_argument("--out", default="soteria-heads", help="output directory (default: soteria-heads)")
     p.set_defaults(func=cmd_heads)

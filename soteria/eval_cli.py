@@ -15,12 +15,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_eval_parser", "run_eval"]
+__all__ = ["add_eval_parser", "positive_int", "run_eval"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -67,7 +67,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         help="smoke (built-in, default), xthreatbench, multijail, hub:OWNER/NAME, or a .csv/.json/.jsonl file",
     )
     d.add_argument("--langs", nargs="+", help="language codes, e.g. hi bn (default: all in the prompt set)")
-    d.add_argument("--limit", type=_positive, help="at most this many prompts per language")
+    d.add_argument("--limit", type=positive_int, help="at most this many prompts per language")
     d.add_argument("--prompt-column", help="name of the prompt column (default: detected)")
     d.add_argument("--lang-column", help="name of the language column (default: detected)")
     d.add_argument("--lang", dest="fixed_lang", help="language of every prompt, for data without a language column")
@@ -75,8 +75,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--config", dest="dataset_config", help="dataset configuration name (Hub sets)")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens generated per response (default 64)")
-    g.add_argument("--batch-size", type=_positive, default=8, help="prompts per batch (default 8)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per response (default 64)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default 8)")
     g.add_argument(
         "--instruction",
         action="store_true",
@@ -94,7 +94,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     j.add_argument("--judge-url", help="LLM judge base URL, e.g. http://localhost:8000/v1 (or $SOTERIA_JUDGE_BASE_URL)")
     j.add_argument("--judge-model", help="LLM judge model name (or $SOTERIA_JUDGE_MODEL)")
-    j.add_argument("--judge-workers", type=_positive, default=4, help="concurrent LLM judge requests (default 4)")
+    j.add_argument("--judge-workers", type=positive_int, default=4, help="concurrent LLM judge requests (default 4)")
     j.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request (default 60)")
     j.add_argument("--judge-retries", type=_non_negative, default=5, help="retries per judge request (default 5)")
     j.add_argument("--judge-cache", help="JSONL cache of judge answers (default: OUT/judge_cache.jsonl)")

@@ -215,22 +215,30 @@ def generate_texts(
     _check_positive("batch_size", batch_size)
     _check_positive("max_new_tokens", max_new_tokens)
     rows = _tokenize(tokenizer, texts, add_special_tokens)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[str] = [""] * len(rows)
-    with _eval_mode(model), torch.inference_mode(), _progress(len(rows), desc, progress) as bar:
-        for idx in _batches(order, batch_size):
-            texts_out = _generate_ids(
-                model,
-                tokenizer,
-                [rows[i] for i in idx],
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                gen_kwargs=gen_kwargs,
-            )
-            for i, t in zip(idx, texts_out):
-                out[i] = t
-            bar.update(len(idx))
+    batches = _generate_batches(
+        model, tokenizer, dict(enumerate(rows)), batch_size=batch_size, max_new_tokens=max_new_tokens,
+        do_sample=do_sample, gen_kwargs=gen_kwargs, desc=desc, progress=progress,
+    )  # fmt: skip
+    for idx, texts_out in batches:
+        for i, t in zip(idx, texts_out):
+            out[i] = t
     return out
+
+
+def _generate_batches(model, tokenizer, ids: dict[int, list[int]], *, batch_size, max_new_tokens, do_sample,
+                      gen_kwargs, desc, progress):  # fmt: skip
+    """Yields ``(keys, responses)`` batch by batch for ``{key: input ids}``, longest inputs first
+    (less padding), in eval and inference mode, under one progress bar."""
+    order = sorted(ids, key=lambda i: -len(ids[i]))
+    with _eval_mode(model), torch.inference_mode(), _progress(len(ids), desc, progress) as bar:
+        for idx in _batches(order, batch_size):
+            responses = _generate_ids(
+                model, tokenizer, [ids[i] for i in idx], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                gen_kwargs=gen_kwargs,
+            )  # fmt: skip
+            yield idx, responses
+            bar.update(len(idx))
 
 
 class GenerationStore:
@@ -354,37 +362,30 @@ def generate_responses(
     if pending:
         rows = _tokenize(tokenizer, [texts[i] for i in pending], add_special_tokens=not templ)
         ids = dict(zip(pending, rows))
-        order = sorted(pending, key=lambda i: -len(ids[i]))
         label = desc or f"generate ({name.split('@')[0]})"
-        with _eval_mode(model), torch.inference_mode(), _progress(len(pending), label, progress) as bar:
-            for idx in _batches(order, batch_size):
-                responses = _generate_ids(
-                    model,
-                    tokenizer,
-                    [ids[i] for i in idx],
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    gen_kwargs=gen_kwargs,
-                )
-                new_rows = []
-                for i, response in zip(idx, responses):
-                    p = items[i]
-                    row = {
-                        "model": name,
-                        "lang": p.lang,
-                        "prompt_hash": hashes[i],
-                        "prompt": p.prompt,
-                        "input": texts[i],
-                        "response": response,
-                        "id": p.id,
-                        "source": p.source,
-                        "category": p.category,
-                        "max_new_tokens": max_new_tokens,
-                        "do_sample": do_sample,
-                        "chat_template": templ,
-                    }
-                    results[i] = row
-                    new_rows.append(row)
-                store.append(new_rows)
-                bar.update(len(idx))
+        batches = _generate_batches(
+            model, tokenizer, ids, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            gen_kwargs=gen_kwargs, desc=label, progress=progress,
+        )  # fmt: skip
+        for idx, responses in batches:
+            new_rows = []
+            for i, response in zip(idx, responses):
+                p = items[i]
+                row = {
+                    "model": name,
+                    "lang": p.lang,
+                    "prompt_hash": hashes[i],
+                    "prompt": p.prompt,
+                    "input": texts[i],
+                    "response": response,
+                    "id": p.id,
+                    "source": p.source,
+                    "category": p.category,
+                    "max_new_tokens": max_new_tokens,
+                    "do_sample": do_sample,
+                    "chat_template": templ,
+                }
+                results[i] = row
+                new_rows.append(row)
+            store.append(new_rows)
     return [dict(r) for r in results]  # type: ignore[arg-type]
