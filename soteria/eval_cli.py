@@ -54,7 +54,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     m = p.add_argument_group("models")
-    m.add_argument("model", help="the original model: a local folder, a Hub id or tiny:<model_type>")
+    m.add_argument("model", help="the original model: a local folder, a Hub id, pretrained:<name> or tiny:<model_type>")
+    m.add_argument("--gguf-file", default=None, metavar="NAME", help="load MODEL from this GGUF file in its folder")
     m.add_argument("--steered", help="the steered model (folder or Hub id) to compare against MODEL")
     m.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: MODEL's)")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -115,7 +116,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def _device(name: str) -> str:
     """``auto``: the first GPU when there is one, else the CPU; anything else is checked."""
-    from .cli import check_device
+    from .loading import check_device
 
     if name == "auto":
         import torch
@@ -129,8 +130,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     Everything cheap (prompts, judge, device, model names) is checked before the models load.
     """
-    from .cli import _langs, check_source, load_causal_lm, load_tokenizer
+    from .cli import _langs
     from .evaluation import evaluate, load_prompts, make_judge
+    from .loading import check_source, load_causal_lm, load_tokenizer
 
     out = Path(args.out)
     judge_kwargs: dict[str, Any] = {}
@@ -170,8 +172,9 @@ def run_eval(args: argparse.Namespace) -> int:
     check_source(args.model, "MODEL")
     if args.steered:
         check_source(args.steered, "--steered")
-    tokenizer = load_tokenizer(args.tokenizer or args.model, what="--tokenizer")
-    model = load_causal_lm(args.model, dtype=args.dtype, device=device, what="MODEL")
+    gguf = {} if args.tokenizer else {"gguf_file": args.gguf_file}
+    tokenizer = load_tokenizer(args.tokenizer or args.model, what="--tokenizer", **gguf)
+    model = load_causal_lm(args.model, dtype=args.dtype, device=device, gguf_file=args.gguf_file, what="MODEL")
     steered = load_causal_lm(args.steered, dtype=args.dtype, device=device, what="--steered") if args.steered else None
 
     report = evaluate(

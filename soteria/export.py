@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from .config import SoteriaConfig
+from .damage import DEFAULT_MAX_KL
 from .streaming import INDEX_NAME, METADATA_KEY, SINGLE_NAME, add_metadata, steer_checkpoint
 from .version import __version__
 
@@ -75,6 +76,7 @@ def model_card(
     n_changed: int,
     n_total: int,
     how: str = "from a model in memory (soteria.save_steered)",
+    damage: dict | None = None,
 ) -> str:
     """The ``README.md`` of a steered model: YAML header (``base_model``, ``library_name``,
     ``tags``, ``language``) and a body with the method, heads per language, the fraction of
@@ -110,6 +112,12 @@ def model_card(
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A causal language model"
     versions = "\n".join(f"| {k} | {v} |" for k, v in _versions().items())
     pct = 100.0 * n_changed / n_total if n_total else 0.0
+    if damage is None:
+        check = "not measured"
+    else:
+        check = f"{damage['kl']:.3f} on {damage['prompts']} built-in harmless prompts"
+        if damage.get("forced"):
+            check += f" (**above the bound {damage['max_kl']:g}; written with force: the model may be broken**)"
     return f"""---
 {data.to_yaml()}
 ---
@@ -136,6 +144,7 @@ Every other parameter is bit-identical to the base model.
 - Harm direction: {kind}; source: `{config.harm_source or "unrecorded"}`
 - Heads: {select}
 - Written {how}; model type `{config.model_type or "unknown"}`.
+- Next-token KL(base || steered) at save time: {check}.
 
 Steering lowers, but does not remove, the chance of harmful output; evaluate the model for your use.
 
@@ -184,6 +193,8 @@ def save_steered(
     overwrite: bool = False,
     base_model: str | None = None,
     repo_id: str | None = None,
+    max_kl: float | None = DEFAULT_MAX_KL,
+    force: bool = False,
 ) -> Path:
     """Save a model steered by :meth:`soteria.SoteriaPatcher.apply` to ``out_dir``; return its path.
 
@@ -194,13 +205,19 @@ def save_steered(
         overwrite: replace an existing ``out_dir`` (kept as it was if saving fails).
         base_model: Hub id of the base model for the card (default: ``config.name_or_path`` if
             it is a Hub id). repo_id: id used in the card's loading snippet (default: the folder name).
+        max_kl, force: the write guard (:func:`soteria.damage.damage_check`). With ``tokenizer``
+            and a model steered in this process, the harmless-prompt KL is measured first and
+            printed; above ``max_kl`` nothing is written (:class:`SteeringDamageError`) unless
+            ``force``. ``max_kl=None`` measures without a bound. The card records the value.
 
     Writes ``config.json`` (with ``"soteria"``), safetensors weights whose metadata holds
     ``soteria_config``, ``soteria_config.json``, ``README.md``, the generation config and the
     tokenizer files, all into a temporary directory renamed to ``out_dir`` at the end.
     """
     from .arch import head_sites, unwrap_model
-    from .atomic import atomic_directory
+    from .atomic import atomic_directory, check_target
+    from .damage import damage_check
+    from .gguf import dequantized
     from .steering import SoteriaPatcher
     from .streaming import _hub_id
 
@@ -222,6 +239,11 @@ def save_steered(
     if base_model is None:
         base_model = _hub_id(getattr(inner.config, "name_or_path", None))
     out = Path(os.path.abspath(out_dir))
+    check_target(out, overwrite)  # before the KL measurement and the save
+    dequantized(inner)  # a GGUF-loaded model holds plain weights; drop its quantization record
+    damage = None
+    if tokenizer is not None and SoteriaPatcher.has_originals(model):
+        damage = damage_check(model, tokenizer, list(config.languages), max_kl=max_kl, force=force)
     meta = {METADATA_KEY: config.to_json(indent=None)}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         inner.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -240,6 +262,7 @@ def save_steered(
             model_id=repo_id or out.name,
             n_changed=n_changed,
             n_total=n_total,
+            damage=damage,
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out

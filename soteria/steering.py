@@ -29,8 +29,10 @@ Shared with :mod:`soteria.streaming` (the on-disk edit must check and plan exact
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -213,6 +215,34 @@ class SoteriaPatcher:
         if config is not None and hasattr(config, "soteria"):
             delattr(config, "soteria")
         return model
+
+    @staticmethod
+    @contextlib.contextmanager
+    def unsteered(model: nn.Module) -> Iterator[nn.Module]:
+        """Within the block ``model`` has its original head slices (bit-exact), afterwards its
+        steered ones again (bit-exact): compare base and steered outputs with one copy in memory.
+        Needs a model steered by :meth:`apply` in this process (the original slices are kept)."""
+        from .arch import head_sites
+
+        inner = _inner(model)
+        state = inner.__dict__.get(_STATE)
+        if state is None:
+            raise ValueError("unsteered() needs a model steered by SoteriaPatcher.apply in this process")
+        sites = head_sites(model)
+        layers = sorted({layer for layer, _ in state["slices"]})
+        weights = {layer: _editable_weight(inner, sites[layer], []) for layer in layers}
+        steered = {key: _slice(weights[key[0]].detach(), sites[key[0]], key[1]).to("cpu", copy=True)
+                   for key in state["slices"]}  # fmt: skip
+        _restore(sites, weights, state["slices"])
+        try:
+            yield model
+        finally:
+            _restore(sites, weights, steered)
+
+    @staticmethod
+    def has_originals(model: nn.Module) -> bool:
+        """True if ``model`` was steered by :meth:`apply` in this process (its original slices are kept)."""
+        return _STATE in _inner(model).__dict__
 
     @staticmethod
     def is_steered(model: nn.Module) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 import unicodedata
@@ -32,7 +33,13 @@ SCRIPT = {
 }
 
 
+# Technical terms users type in Latin letters whatever their language (harmful prompts 5, 7, 24).
+_LATIN_TERMS = re.compile(r"(?<![A-Za-z])(?:ATM|SYN|DDoS|flood)(?![A-Za-z])")
+
+
 def _script_share(text: str, script: str) -> float:
+    if script != "LATIN":
+        text = _LATIN_TERMS.sub("", text)
     letters = [c for c in text if unicodedata.category(c)[0] in "LM"]
     return sum(unicodedata.name(c, "").startswith(script) for c in letters) / len(letters)
 
@@ -42,11 +49,11 @@ def test_builtin_data_covers_twelve_languages_natively():
     for lang in PAPER:
         texts = [p.prompt for p in smoke_prompts([lang])] + harmless_prompts(lang) + heldout_texts(lang)
         texts.append(instruction(lang))
-        assert len(smoke_prompts([lang])) == 5 and len(harmless_prompts(lang)) >= 3
+        assert len(smoke_prompts([lang])) == 45 and len(harmless_prompts(lang)) == 40
         assert len(heldout_texts(lang)[0]) >= 40
         for text in texts:
             assert _script_share(text, SCRIPT[lang]) > 0.9, (lang, text)
-    assert len({p.prompt for p in smoke_prompts()}) == 60
+    assert len({p.prompt for p in smoke_prompts()}) == 12 * 45
     assert instruction("xx") is None
 
 

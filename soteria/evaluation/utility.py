@@ -3,6 +3,8 @@
 - :func:`next_token_kl`: mean ``KL(p_original || p_steered)`` of the next-token distributions
   over every real token position of harmless prompts (fp32), the measure weight-editing tools
   report beside refusal counts. 0 means the edit changed nothing on those prompts.
+- :func:`steering_kl`: the same for a model steered in this process, against its own unsteered
+  weights (no second copy); what the write guard of :func:`soteria.save_steered` measures.
 - :func:`perplexity`: ``exp(total NLL / predicted tokens)`` of held-out text.
 - :func:`probe_accuracy`: first-token accuracy on the built-in probe tasks (the clean few-shot
   prompts of :func:`soteria.prompts.build_prompts`): the top-1 next token equals the answer's
@@ -24,7 +26,7 @@ from torch import nn
 from ..prompts import encode_batch
 from .generation import _device, _eval_mode
 
-__all__ = ["next_token_kl", "perplexity", "probe_accuracy"]
+__all__ = ["next_token_kl", "perplexity", "probe_accuracy", "steering_kl"]
 
 
 def _texts(texts: Any, what: str) -> list[str]:
@@ -51,6 +53,25 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.logits.float()
 
 
+def _mean_kl(logits_pair, tokenizer, texts, *, batch_size: int, max_length: int | None) -> dict[str, Any]:
+    """Mean ``KL(p || q)`` over all real positions; ``logits_pair(ids, mask) -> (logits_p, logits_q)``."""
+    rows = _rows(tokenizer, texts, max_length)
+    total, count, worst, per_text = 0.0, 0, 0.0, []
+    for start in range(0, len(rows), batch_size):
+        ids, mask, _ = encode_batch(tokenizer, rows[start : start + batch_size], padding_side="right")
+        lo, ls = logits_pair(ids, mask)
+        if lo.shape[-1] != ls.shape[-1]:
+            raise ValueError(f"the models' vocabularies differ: {lo.shape[-1]} vs {ls.shape[-1]} logits")
+        logp_o, logp_s = F.log_softmax(lo, -1), F.log_softmax(ls.to(lo.device), -1)
+        kl = (logp_o.exp() * (logp_o - logp_s)).sum(-1).clamp_min(0.0)  # [B, T]
+        m = mask.to(kl.device).bool()
+        total += float(kl[m].sum())
+        count += int(m.sum())
+        worst = max(worst, float(kl[m].max()))
+        per_text += [float(kl[i][m[i]].mean()) for i in range(kl.shape[0])]
+    return {"mean": total / count, "max": worst, "positions": count, "per_text": per_text}
+
+
 @torch.inference_mode()
 def next_token_kl(
     original: nn.Module,
@@ -68,21 +89,26 @@ def next_token_kl(
     mean over each text's positions). The models must share the vocabulary size.
     """
     texts = _texts(texts, "next_token_kl")
-    rows = _rows(tokenizer, texts, max_length)
-    total, count, worst, per_text = 0.0, 0, 0.0, []
-    for start in range(0, len(rows), batch_size):
-        ids, mask, _ = encode_batch(tokenizer, rows[start : start + batch_size], padding_side="right")
-        lo, ls = _logits(original, ids, mask), _logits(steered, ids, mask)
-        if lo.shape[-1] != ls.shape[-1]:
-            raise ValueError(f"the models' vocabularies differ: {lo.shape[-1]} vs {ls.shape[-1]} logits")
-        logp_o, logp_s = F.log_softmax(lo, -1), F.log_softmax(ls.to(lo.device), -1)
-        kl = (logp_o.exp() * (logp_o - logp_s)).sum(-1).clamp_min(0.0)  # [B, T]
-        m = mask.to(kl.device).bool()
-        total += float(kl[m].sum())
-        count += int(m.sum())
-        worst = max(worst, float(kl[m].max()))
-        per_text += [float(kl[i][m[i]].mean()) for i in range(kl.shape[0])]
-    return {"mean": total / count, "max": worst, "positions": count, "per_text": per_text}
+    pair = lambda ids, mask: (_logits(original, ids, mask), _logits(steered, ids, mask))  # noqa: E731
+    return _mean_kl(pair, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+
+
+@torch.inference_mode()
+def steering_kl(
+    model: nn.Module, tokenizer, texts: Sequence[str] | str, *, batch_size: int = 8, max_length: int | None = 512
+) -> dict[str, Any]:
+    """:func:`next_token_kl` of a model steered in this process against its own unsteered weights,
+    with one copy in memory (:meth:`soteria.SoteriaPatcher.unsteered` swaps the head slices, bit-exact)."""
+    from ..steering import SoteriaPatcher
+
+    texts = _texts(texts, "steering_kl")
+
+    def pair(ids, mask):
+        with SoteriaPatcher.unsteered(model):
+            lo = _logits(model, ids, mask)
+        return lo, _logits(model, ids, mask)
+
+    return _mean_kl(pair, tokenizer, texts, batch_size=batch_size, max_length=max_length)
 
 
 @torch.inference_mode()

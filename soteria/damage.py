@@ -1,0 +1,74 @@
+"""The write guard: what a steering did to harmless prompts, measured before it is written.
+
+A steering with too large a scale or too many heads can break a model outright (every answer
+``"....."``) while every file is still well-formed. :func:`damage_check` measures the mean
+next-token KL(base || steered) on a handful of built-in harmless prompts in the steered
+languages (chat-formatted when the tokenizer has a template), on the one model in memory
+(:func:`soteria.evaluation.steering_kl`); :func:`soteria.save_steered` and ``soteria steer``
+refuse to write above ``max_kl`` (default :data:`DEFAULT_MAX_KL`) unless forced.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["DEFAULT_MAX_KL", "SteeringDamageError", "damage_check"]
+
+DEFAULT_MAX_KL = 1.0
+
+
+class SteeringDamageError(ValueError):
+    """The steered model's harmless-prompt KL is above the bound; nothing was written."""
+
+
+def _texts(tokenizer, langs: list[str], n_prompts: int) -> tuple[list[str], list[str]]:
+    from .evaluation.generation import format_inputs
+    from .evaluation.prompt_sets import EvalPrompt, eval_languages, harmless_prompts
+
+    used = [x for x in langs if x in eval_languages()] or ["en"]
+    items = [EvalPrompt(p, lang) for lang in used for p in harmless_prompts(lang)[:n_prompts]]
+    return format_inputs(tokenizer, items)[0], used
+
+
+def damage_check(
+    model: nn.Module,
+    tokenizer,
+    langs: list[str],
+    *,
+    max_kl: float | None = DEFAULT_MAX_KL,
+    force: bool = False,
+    n_prompts: int = 8,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """``{"kl": mean, "per_lang": {lang: kl}, "max_kl", "prompts", "forced"}`` for a model steered
+    by :meth:`soteria.SoteriaPatcher.apply` in this process; prints one line when ``verbose``.
+
+    Raises :class:`SteeringDamageError` when ``kl > max_kl`` and not ``force`` (``max_kl=None``:
+    measure only). Languages without built-in harmless prompts are measured on English ones.
+    """
+    from .evaluation.utility import steering_kl
+
+    texts, used = _texts(tokenizer, list(langs), n_prompts)
+    per_lang = {}
+    for i, lang in enumerate(used):
+        chunk = texts[i * n_prompts : (i + 1) * n_prompts]
+        per_lang[lang] = steering_kl(model, tokenizer, chunk)["mean"]
+    kl = sum(per_lang.values()) / len(per_lang)
+    record = {"kl": kl, "per_lang": per_lang, "max_kl": max_kl, "prompts": len(texts), "forced": False}
+    if verbose:
+        detail = ", ".join(f"{k} {v:.3f}" for k, v in per_lang.items())
+        bound = f"; bound {max_kl:g}" if max_kl is not None else ""
+        print(f"soteria: harmless-prompt KL(base || steered) = {kl:.3f} ({detail}{bound})", file=sys.stderr)
+    if max_kl is not None and kl > max_kl:
+        if not force:
+            raise SteeringDamageError(
+                f"the steered model's KL on {len(texts)} harmless prompts ({', '.join(used)}) is {kl:.2f}, above "
+                f"the bound {max_kl:g}: it is likely broken (scale too large, or too many heads); lower the scale "
+                "or the head count, or force the write (force=True, --force)"
+            )
+        record["forced"] = True
+    return record
