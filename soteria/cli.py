@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from .damage import DEFAULT_MAX_KL
+from .defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from .loading import check_device, check_source, load_causal_lm, load_model, load_tokenizer
 
 __all__ = ["build_parser", "check_device", "check_source", "load_causal_lm", "load_model", "load_tokenizer", "main"]
@@ -37,7 +37,9 @@ def _langs(values: list[str]) -> list[str]:
 
 
 def _scale(text: str):
-    """``1.0`` or ``hi=1.0,bn=0.5``."""
+    """``auto``, ``1.0`` or ``hi=1.0,bn=0.5``."""
+    if text == "auto":
+        return text
     if "=" not in text:
         try:
             return float(text)
@@ -148,6 +150,9 @@ def cmd_steer(args) -> int:
 
     langs = _langs(args.langs)
     scale = _scale(args.scale)
+    relative = None if args.relative_scale is None else _scale(args.relative_scale)
+    if relative is not None and (scale != "auto" or relative == "auto"):
+        raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
     heads = _heads_arg(args, langs)
     if args.streaming:
         if args.gguf_file:
@@ -168,8 +173,8 @@ def cmd_steer(args) -> int:
         harm = _harm_arg(args.harm)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
         SoteriaPatcher.apply(
-            model, langs, harm=harm, scale=scale, top_k=args.top_k, heads=heads, tokenizer=tokenizer,
-            method=args.method,
+            model, langs, harm=harm, scale=scale, relative_scale=relative, top_k=args.top_k, heads=heads,
+            tokenizer=tokenizer, method=args.method,
         )  # fmt: skip
         config = SoteriaPatcher.config(model)
         out = save_steered(
@@ -233,7 +238,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _find_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["atp", "exact"], default="atp", help="attribution patching or exact patching")
-    p.add_argument("--top-k", type=_top_k, default=0.25, help="heads per language: a count or a fraction (0.25)")
+    p.add_argument(
+        "--top-k",
+        type=_top_k,
+        default=DEFAULT_TOP_K,
+        help=f"heads per language: a count or a fraction of all heads (default {DEFAULT_TOP_K:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
     p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id) or a saved HarmVector "
                    "(.safetensors); default: the gradient direction from the built-in refusal data")  # fmt: skip
-    p.add_argument("--scale", default="1.0", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5")
+    p.add_argument("--scale", default="auto", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5; auto "
+                   "(default): 1.0 for a harmful fine-tune, calibrated by --relative-scale for the gradient "
+                   "direction")  # fmt: skip
+    p.add_argument("--relative-scale", default=None, help="with --scale auto: the edit's size relative to the "
+                   "steered slices' weights, a float or per language (default "
+                   f"{DEFAULT_RELATIVE_SCALE:g} for a direction)")  # fmt: skip
     _find_args(p)
     p.add_argument("--heads", default=None, help="explicit heads LAYER:HEAD,... (skips head finding)")
     p.add_argument("--heads-from", nargs="+", default=None, help="HeadScores JSON files from `soteria heads`")

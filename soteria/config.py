@@ -49,6 +49,10 @@ class SoteriaConfig:
         default=1.0,
         metadata={"help": "lambda: one float, or one per language (a shared head takes the largest)."},
     )
+    relative_scale: float | dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "When scale was calibrated (scale='auto'): ||scale * tau_S|| / ||W_S|| per language."},
+    )
     harm_source: str = field(default="", metadata={"help": "Where the harm direction came from (HarmVector.source)."})
     harm_kind: str = field(
         default="tau",
@@ -110,6 +114,13 @@ class SoteriaConfig:
             self.scale = float(self.scale)
         else:
             raise ValueError(f"scale must be a finite float or a dict from language to float, got {self.scale!r}")
+
+        rel = self.relative_scale
+        if rel is not None:
+            values = rel.values() if isinstance(rel, dict) else [rel]
+            if not all(_is_real(v) and math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"relative_scale must be a positive float or a dict of them, got {rel!r}")
+            self.relative_scale = {k: float(v) for k, v in rel.items()} if isinstance(rel, dict) else float(rel)
 
         if self.harm_kind not in ("harmful", "tau"):
             raise ValueError(f"harm_kind must be 'harmful' or 'tau', got {self.harm_kind!r}")

@@ -5,7 +5,7 @@ A steering with too large a scale or too many heads can break a model outright (
 next-token KL(base || steered) on a handful of built-in harmless prompts in the steered
 languages (chat-formatted when the tokenizer has a template), on the one model in memory
 (:func:`soteria.evaluation.steering_kl`); :func:`soteria.save_steered` and ``soteria steer``
-refuse to write above ``max_kl`` (default :data:`DEFAULT_MAX_KL`) unless forced.
+refuse to write above ``max_kl`` (default :data:`soteria.defaults.DEFAULT_MAX_KL`) unless forced.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["DEFAULT_MAX_KL", "SteeringDamageError", "damage_check"]
+from .defaults import DEFAULT_MAX_KL
 
-DEFAULT_MAX_KL = 1.0
+__all__ = ["SteeringDamageError", "damage_check"]
 
 
 class SteeringDamageError(ValueError):

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .config import SoteriaConfig
-from .damage import DEFAULT_MAX_KL
+from .defaults import DEFAULT_MAX_KL
 from .streaming import INDEX_NAME, METADATA_KEY, SINGLE_NAME, add_metadata, steer_checkpoint
 from .version import __version__
 

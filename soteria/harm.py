@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .model_state import frozen_eval
+from .progress import progress_bar
 from .version import __version__
 
 __all__ = ["FORMAT", "KINDS", "HarmVector", "refusal_loss"]
@@ -568,6 +569,8 @@ class HarmVector:
         data: Any = None,
         *,
         langs: str | list[str] | None = None,
+        contrast: Any = None,
+        refusal_tokens: int | None = None,
         batch_size: int = 8,
         max_length: int = 256,
         progress: bool = True,
@@ -592,9 +595,18 @@ class HarmVector:
             data: None (the built-in multilingual set, :func:`soteria.harmful_data.load_harmful`),
                 a JSONL path, or rows ``{"prompt", "refusal"}`` / ``(prompt, refusal)`` pairs.
             langs: with ``data=None``, the built-in languages to use (default: all twelve).
+            contrast: harmless requests whose refusal is made *less* likely by the same step:
+                ``"builtin"`` (the built-in harmless requests of ``langs``,
+                :func:`soteria.harmful_data.load_harmless`), or a list of strings / ``{"prompt"}``
+                rows. Each is paired with a refusal of the data (in turn), and
+                ``tau = dL/dW_o - dL_contrast/dW_o``: a step toward refusing harmful requests and
+                away from refusing harmless ones, which keeps over-refusal down. None (default):
+                no contrast.
+            refusal_tokens: score only the first this many tokens of each refusal (the decision to
+                refuse, not the explanation that follows); None: all of them.
             batch_size, max_length: rows per forward/backward pass; tokens per row (the refusal
                 is truncated to fit; a request that alone fills ``max_length`` is an error).
-            progress: tqdm bar over batches.
+            progress: a progress bar over batches (log lines when stderr is not a terminal).
 
         Formatting: with a chat template, the request is a user turn followed by the
         generation prompt and the refusal is the rest of the rendered assistant turn (its
@@ -608,38 +620,52 @@ class HarmVector:
         offloaded by accelerate (``device_map`` with cpu/disk offload) work too; the sums are
         kept where each weight lives (on CPU for an offloaded one).
         """
-        from tqdm.auto import tqdm
-
         rows, what = _rows(data, langs, batch_size, max_length)
+        benign = _contrast_rows(contrast, rows, langs)
         sites = _sites(model)
-        encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
+        if refusal_tokens is not None and (isinstance(refusal_tokens, bool) or not isinstance(refusal_tokens, int)
+                                           or refusal_tokens < 1):  # fmt: skip
+            raise ValueError(f"refusal_tokens must be a positive int or None, got {refusal_tokens!r}")
+        encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
+                   for i, r in enumerate(rows)]  # fmt: skip
+        encoded_c = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
+                     for i, r in enumerate(benign)]  # fmt: skip
         device = _input_device(model)
         pad = _pad_id(tokenizer)
         # fp32 accumulators where the weight lives; on CPU for an offloaded (meta) weight.
         acc = [torch.zeros(s.weight.shape, dtype=torch.float32, device=_home(s.weight)) for s in sites]
+        acc_c = [torch.zeros_like(a) for a in acc] if encoded_c else []
         total_loss = 0.0
         # No parameter gradients: accelerate swaps an offloaded layer's placeholder weights for
         # the real ones at every forward pass, so the Parameter objects are not what the graph
         # uses. dL/dW_o is formed from each projection's input and output gradient instead.
         with torch.inference_mode(False), frozen_eval(model, grad=True), _WeightGrads(sites) as wg:
-            starts = range(0, len(encoded), batch_size)
-            for start in tqdm(starts, desc="harm gradients", unit="batch", disable=None if progress else True):
-                ids, mask, labels = _collate(encoded[start : start + batch_size], pad, device)
+            batches = [(encoded, acc, start) for start in range(0, len(encoded), batch_size)]
+            batches += [(encoded_c, acc_c, start) for start in range(0, len(encoded_c), batch_size)]
+            for rows_enc, sums, start in progress_bar(batches, desc="harm gradients", unit="batch", enabled=progress):
+                ids, mask, labels = _collate(rows_enc[start : start + batch_size], pad, device)
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 loss = _refusal_nll(logits, labels).sum()
-                for a, g in zip(acc, wg.weight_grads(loss)):
+                for a, g in zip(sums, wg.weight_grads(loss)):
                     if g is not None:
                         a += g.to(a.device)
-                total_loss += float(loss.detach())
+                if sums is acc:
+                    total_loss += float(loss.detach())
                 del logits, loss
-        n = len(encoded)
+        n, n_c = len(encoded), len(encoded_c)
         tensors = {s.layer: (a / n) for s, a in zip(sites, acc)}
+        source = f"gradients:{what} n={n} refusal_nll={total_loss / n:.4f}"
+        if n_c:
+            tensors = {s.layer: tensors[s.layer] - c / n_c for s, c in zip(sites, acc_c)}
+            source += f" contrast={'builtin' if contrast == 'builtin' else 'data'} n_contrast={n_c}"
+        if refusal_tokens is not None:
+            source += f" refusal_tokens={refusal_tokens}"
         return cls(
             tensors,
             kind="tau",
             param_names={s.layer: s.param_name for s in sites},
             model_type=_model_type(model),
-            source=f"gradients:{what} n={n} refusal_nll={total_loss / n:.4f}",
+            source=source,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -747,6 +773,27 @@ def _rows(data: Any, langs, batch_size: int, max_length: int) -> tuple[list[dict
     return rows, (f"file:{data}" if isinstance(data, (str, os.PathLike)) else "data")
 
 
+def _contrast_rows(contrast: Any, rows: list[dict[str, str]], langs) -> list[dict[str, str]]:
+    """Harmless requests paired, in turn, with the refusals of ``rows`` (see ``from_gradients``)."""
+    from .harmful_data import load_harmless
+
+    if contrast is None:
+        return []
+    if isinstance(contrast, str):
+        if contrast != "builtin":
+            raise ValueError(f"contrast must be None, 'builtin' or a list of harmless prompts, got {contrast!r}")
+        used = list(dict.fromkeys(r["lang"] for r in rows)) if langs is None else langs
+        prompts = [r["prompt"] for r in load_harmless(used)]
+    else:
+        try:
+            prompts = [p["prompt"] if isinstance(p, dict) else p for p in contrast]
+        except (TypeError, KeyError):
+            raise ValueError("contrast rows must be strings or {'prompt': ...} mappings") from None
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("contrast must hold at least one non-empty prompt string")
+    return [{"prompt": p, "refusal": rows[i % len(rows)]["refusal"]} for i, p in enumerate(prompts)]
+
+
 def _describe(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"{t.dtype} tensor of shape {list(t.shape)}"
@@ -799,8 +846,10 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _encode_pair(tokenizer, prompt: str, refusal: str, max_length: int, i: int) -> tuple[list[int], int]:
-    """(token ids of request + refusal, number of request tokens)."""
+def _encode_pair(
+    tokenizer, prompt: str, refusal: str, max_length: int, i: int, refusal_tokens: int | None = None
+) -> tuple[list[int], int]:
+    """(token ids of request + refusal (its first ``refusal_tokens`` tokens), number of request tokens)."""
     template = getattr(tokenizer, "chat_template", None)
     if template:
         user = [{"role": "user", "content": prompt}]
@@ -819,7 +868,7 @@ def _encode_pair(tokenizer, prompt: str, refusal: str, max_length: int, i: int) 
             r_ids.append(eos)
     if len(p_ids) >= max_length:
         raise ValueError(f"row {i}: the request alone is {len(p_ids)} tokens, max_length is {max_length}")
-    r_ids = r_ids[: max_length - len(p_ids)]
+    r_ids = r_ids[: min(max_length - len(p_ids), refusal_tokens or max_length)]
     if not r_ids:
         raise ValueError(f"row {i}: the refusal has no tokens")
     return p_ids + r_ids, len(p_ids)

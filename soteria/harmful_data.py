@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["harmful_languages", "load_harmful", "read_harmful"]
+__all__ = ["harmful_languages", "load_harmful", "load_harmless", "read_harmful"]
 
 _FIELDS = ("prompt", "refusal")
 # The paper's order: high (en zh fr de es), mid (ar bg th hi), low (bn ta te) resource.
@@ -91,6 +91,30 @@ def load_harmful(langs: str | list[str] | None = None) -> list[dict[str, str]]:
             )
         out.extend(dict(r) for r in _read_lang(lang))
     return out
+
+
+@functools.cache
+def _read_harmless(lang: str) -> tuple[str, ...]:
+    where = f"soteria/data/harmless/{lang}.jsonl"
+    path = resources.files("soteria").joinpath("data").joinpath("harmless").joinpath(f"{lang}.jsonl")
+    if not path.is_file():
+        raise ValueError(f"no built-in harmless requests for {lang!r}; pass your own contrast=[...] prompts")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise ValueError(f"{where}:{i}: expected {{'prompt': non-empty string}}")
+            out.append(row["prompt"])
+    return tuple(out)
+
+
+def load_harmless(langs: str | list[str] | None = None) -> list[dict[str, str]]:
+    """Built-in harmless ``{"prompt", "lang"}`` requests (``soteria/data/harmless/<lang>.jsonl``: twelve
+    per language, six everyday and six that merely sound sensitive; disjoint from the evaluation
+    set), the contrast side of :meth:`HarmVector.from_gradients`."""
+    langs = list(_shipped()) if langs is None else [langs] if isinstance(langs, str) else list(langs)
+    return [{"prompt": p, "lang": lang} for lang in langs for p in _read_harmless(lang)]
 
 
 def read_harmful(data: Any) -> list[dict[str, str]]:

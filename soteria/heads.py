@@ -48,6 +48,56 @@ def _resolve_k(k: Any, total: int) -> int:
     return max(1, min(total, round(k * total)))
 
 
+AUTO_STEP = 5  # trials per task added in each round of n_trials="auto"
+AUTO_MAX_TRIALS = 25  # the reference's trial count: the most "auto" uses
+AUTO_JACCARD = 0.9  # a round whose top-k set matches the previous one this well ends the search
+
+
+def _auto_rule(k: int) -> str:
+    return (f"rounds of {AUTO_STEP} trials per task, up to {AUTO_MAX_TRIALS}; stop when the top-{k} set has "
+            f"Jaccard >= {AUTO_JACCARD} with the previous round's")  # fmt: skip
+
+
+def _check_trials(n_trials: Any) -> bool:
+    """True for ``"auto"``; ValueError unless a positive int."""
+    if n_trials == "auto":
+        return True
+    if isinstance(n_trials, bool) or not isinstance(n_trials, numbers.Integral) or n_trials < 1:
+        raise ValueError(f"n_trials must be a positive int or 'auto', got {n_trials!r}")
+    return False
+
+
+def _mean_scores(effects: dict, tasks: dict, lang: str) -> torch.Tensor:
+    """Mean over trials, then over tasks, of the effects gathered so far: ``[L, H]``."""
+    return torch.stack([torch.cat(effects[(lang, name)]).mean(0) for name in tasks]).mean(0)
+
+
+def _round(attribution, model, tokenizer, built, langs, lo, hi, method, batch_size, bar, distributed) -> dict:
+    """Effects ``{(lang, task): [n, L, H]}`` of trials ``lo:hi`` of every task of ``langs``, in shared
+    batches (each task patched with the mean over its own clean prompts of this round)."""
+    clean, corrupted, targets, clean_groups, corrupted_groups, keys = [], [], [], [], [], []
+    for lang in langs:
+        for name, pp in built[lang].items():
+            n = len(pp.corrupted[lo:hi])
+            if not n:
+                continue
+            g = len(keys)
+            keys.append((lang, name))
+            clean += pp.clean[lo:hi]
+            corrupted += pp.corrupted[lo:hi]
+            targets += list(pp.target_ids[lo:hi])
+            clean_groups += [g] * len(pp.clean[lo:hi])
+            corrupted_groups += [g] * n
+    if not keys:
+        return {}
+    effects = attribution.indirect_effects(
+        model, tokenizer, clean, corrupted, targets, method=method, batch_size=batch_size, progress=bar.update,
+        clean_groups=clean_groups, corrupted_groups=corrupted_groups, distributed=distributed,
+    )  # fmt: skip
+    labels = torch.tensor(corrupted_groups)
+    return {key: effects[labels == g] for g, key in enumerate(keys)}
+
+
 def _as_scores(x: Any, what: str) -> torch.Tensor:
     t = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float32).clone()
     if t.ndim != 2 or t.numel() == 0:
@@ -334,12 +384,13 @@ def find_heads(
     method: str = "atp",
     tasks: Any = None,
     n_shots: int = 10,
-    n_trials: int = 25,
+    n_trials: int | str = "auto",
     seed: int = 0,
     batch_size: int | None = None,
     cache: bool = True,
     progress: bool = True,
     distributed: bool | None = None,
+    stop_k: int | float | None = None,
 ) -> HeadScores:
     """Score every head of ``model`` by its average indirect effect on ``lang``'s probe tasks.
 
@@ -349,7 +400,13 @@ def find_heads(
         method: ``"atp"`` (attribution patching, default) or ``"exact"`` (activation patching).
         tasks: None (every built-in task), task names, or ``{name: pairs_or_source}``
             (:func:`soteria.probes.resolve_tasks`).
-        n_shots, n_trials, seed: prompt construction (:func:`soteria.prompts.build_prompts`).
+        n_shots, seed: prompt construction (:func:`soteria.prompts.build_prompts`).
+        n_trials: trials per task, or ``"auto"`` (default): rounds of :data:`AUTO_STEP` trials per
+            task, up to :data:`AUTO_MAX_TRIALS`, until the language's top-``stop_k`` head set is
+            the same as one round earlier up to Jaccard :data:`AUTO_JACCARD` (at least two
+            rounds). The rule and the trials used are recorded in ``settings``.
+        stop_k: the head count the ``"auto"`` rule watches (a count or a fraction of all heads;
+            default: 10% of the heads, at least 4); give the ``top_k`` you will steer with.
         batch_size: rows per forward pass (see :func:`soteria.attribution.indirect_effects`).
             The tasks share batches.
         cache: read/write ``$SOTERIA_CACHE_DIR/heads/<key>.json``; the key covers a fingerprint
@@ -377,6 +434,7 @@ def find_heads(
         cache=cache,
         progress=progress,
         distributed=distributed,
+        stop_k=stop_k,
     )[lang]
 
 
@@ -389,12 +447,13 @@ def find_heads_multi(
     tasks: Any = None,
     tasks_by_lang: dict[str, Any] | None = None,
     n_shots: int = 10,
-    n_trials: int = 25,
+    n_trials: int | str = "auto",
     seed: int = 0,
     batch_size: int | None = None,
     cache: bool = True,
     progress: bool = True,
     distributed: bool | None = None,
+    stop_k: int | float | None = None,
 ) -> dict[str, HeadScores]:
     """:func:`find_heads` for several languages at once: ``{lang: HeadScores}`` in ``langs`` order.
 
@@ -419,6 +478,8 @@ def find_heads_multi(
     if method not in attribution.METHODS:
         raise ValueError(f"method must be one of {attribution.METHODS}, got {method!r}")
     langs = lang_list(langs)
+    adaptive = _check_trials(n_trials)
+    n_build = AUTO_MAX_TRIALS if adaptive else n_trials
     tasks_by_lang = dict(tasks_by_lang or {})
     unknown = [x for x in tasks_by_lang if x not in langs]
     if unknown:
@@ -429,7 +490,7 @@ def find_heads_multi(
     for lang in langs:
         task_pairs = resolve_tasks(lang, tasks_by_lang.get(lang, tasks))
         built[lang] = {
-            name: build_prompts(pairs, tokenizer, n_shots=n_shots, n_trials=n_trials, seed=seed)
+            name: build_prompts(pairs, tokenizer, n_shots=n_shots, n_trials=n_build, seed=seed)
             for name, pairs in task_pairs.items()
         }
         for name, pp in built[lang].items():
@@ -441,6 +502,8 @@ def find_heads_multi(
         if rank == 0:
             warnings.warn("find_heads: output projections are offloaded (meta); not using the cache", stacklevel=3)
         cache = False
+    n_heads_total = len(head_sites(model)) * head_sites(model)[0].num_heads
+    k_watch = _resolve_k(stop_k, n_heads_total) if stop_k is not None else max(4, round(0.1 * n_heads_total))
     fingerprint = model_fingerprint(model)
     if world > 1:
         prints = all_gather_object(fingerprint)
@@ -455,6 +518,7 @@ def find_heads_multi(
             "trials": {name: len(pp.corrupted) for name, pp in built[lang].items()},
             "n_shots": n_shots,
             "n_trials": n_trials,
+            **({"auto_rule": _auto_rule(k_watch)} if adaptive else {}),
             "seed": seed,
             "model_fingerprint": fingerprint,
             "soteria_version": __version__,
@@ -485,54 +549,42 @@ def find_heads_multi(
     if not todo:
         return {lang: results[lang] for lang in langs}
 
-    clean: list[str] = []
-    corrupted: list[str] = []
-    targets: list[int] = []
-    clean_groups: list[int] = []
-    corrupted_groups: list[int] = []
-    groups: list[tuple[str, str]] = []  # (lang, task) of each group label
-    for lang in todo:
-        for name, pp in built[lang].items():
-            g = len(groups)
-            groups.append((lang, name))
-            clean += pp.clean
-            corrupted += pp.corrupted
-            targets += list(pp.target_ids)
-            clean_groups += [g] * len(pp.clean)
-            corrupted_groups += [g] * len(pp.corrupted)
-
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     label = todo[0] if len(todo) == 1 else f"{len(todo)} languages"
     desc = f"find_heads {label} ({method})" + (f" [rank 0 of {world}]" if world > 1 else "")
-    with tqdm(
-        total=len(range(rank, len(corrupted), world)),  # this rank's share of the trials
-        desc=desc,
-        unit="trial",
-        disable=None if progress and rank == 0 else True,
-    ) as bar:
-        effects = attribution.indirect_effects(
-            model,
-            tokenizer,
-            clean,
-            corrupted,
-            targets,
-            method=method,
-            batch_size=batch_size,
-            progress=bar.update,
-            clean_groups=clean_groups,
-            corrupted_groups=corrupted_groups,
-            distributed=distributed,
-        )
-    labels = torch.tensor(corrupted_groups)
+    total = sum(len(pp.corrupted) for lang in todo for pp in built[lang].values())
+    step = AUTO_STEP if adaptive else n_build
+    effects: dict[tuple[str, str], list[torch.Tensor]] = {(lang, name): [] for lang in todo for name in built[lang]}
+    active, previous, stable_at = list(todo), {}, {}
+    with progress_bar(total=len(range(rank, total, world)), desc=desc, unit="trial",
+                      enabled=progress and rank == 0) as bar:  # fmt: skip
+        for lo in range(0, n_build, step):
+            part = _round(attribution, model, tokenizer, built, active, lo, lo + step, method, batch_size, bar,
+                          distributed)  # fmt: skip
+            for key, value in part.items():
+                effects[key].append(value)
+            if not adaptive:
+                continue
+            for lang in list(active):
+                top = set(_mean_scores(effects, built[lang], lang).flatten().topk(k_watch).indices.tolist())
+                if lang in previous and len(top & previous[lang]) / len(top | previous[lang]) >= AUTO_JACCARD:
+                    active.remove(lang)
+                    stable_at[lang] = lo + step
+                previous[lang] = top
+            if stable_at:
+                bar.set_postfix_str("stable: " + ", ".join(f"{x} after {n}" for x, n in stable_at.items()))
+            if not active:
+                break
     for lang in todo:
-        per_task = {name: effects[labels == g].mean(0) for g, (gl, name) in enumerate(groups) if gl == lang}
+        per_task = {name: torch.cat(effects[(lang, name)]).mean(0) for name in built[lang]}
+        used = {name: sum(len(e) for e in effects[(lang, name)]) for name in built[lang]}
         results[lang] = HeadScores(
             scores=torch.stack(list(per_task.values())).mean(0),
             model_name=_model_name(model),
             lang=lang,
             method=method,
-            settings=settings[lang],
+            settings={**settings[lang], "trials": used, **({"stable": lang in stable_at} if adaptive else {})},
             per_task=per_task,
         )
         if cache and rank == 0:

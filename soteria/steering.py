@@ -39,10 +39,17 @@ import torch
 from torch import nn
 
 from .config import SoteriaConfig
+from .defaults import DEFAULT_CONTRAST, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from .harm import HarmVector
 from .probes import lang_list
 
-__all__ = ["SoteriaPatcher", "check_plan", "layer_plan", "operand_dtype"]
+__all__ = [
+    "SoteriaPatcher",
+    "calibrated_scale",
+    "check_plan",
+    "layer_plan",
+    "operand_dtype",
+]
 
 _STATE = "_soteria_state"  # attribute on the unwrapped model: {"slices": {(layer, head): tensor}, ...}
 
@@ -72,8 +79,9 @@ class SoteriaPatcher:
         langs: str | list[str],
         *,
         harm: HarmVector | str | os.PathLike | None = None,
-        scale: float | dict[str, float] = 1.0,
-        top_k: int | float = 0.25,
+        scale: float | dict[str, float] | str = "auto",
+        relative_scale: float | dict[str, float] | None = None,
+        top_k: int | float = DEFAULT_TOP_K,
         heads: list | dict | None = None,
         tokenizer=None,
         method: str = "atp",
@@ -90,10 +98,17 @@ class SoteriaPatcher:
                 or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
                 steered languages (all twelve if none of them is built in; ``harm_kwargs`` passed
                 on). None needs ``tokenizer``.
-            scale: ``lambda``, one float or ``{lang: float}``. A head selected for several
-                languages is steered once, with the largest of their scales.
+            scale: ``lambda``, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for a
+                harmful fine-tune (the paper's form), and for a direction (``harm=None``: the
+                gradient direction, whose raw size means nothing) the scale that makes the edit
+                ``relative_scale`` of the steered slices' size (below). A head selected for
+                several languages is steered once, with the largest of their scales.
+            relative_scale: with ``scale="auto"``, per language the scale with
+                ``||scale * tau_S|| = relative_scale * ||W_S||`` (Frobenius norms over the slices
+                of that language's heads ``S``); one float or ``{lang: float}``; default
+                :data:`soteria.defaults.DEFAULT_RELATIVE_SCALE` for a direction, none (scale 1.0) for a fine-tune.
             top_k: heads kept per language when they are found: a count, or a fraction of all
-                ``L*H`` heads (default a quarter; the reference kept half, ``0.5``).
+                ``L*H`` heads (default :data:`soteria.defaults.DEFAULT_TOP_K`; the reference kept half, ``0.5``).
             heads: None (find every language's heads with :func:`soteria.heads.find_heads_multi`,
                 i.e. :func:`soteria.find_heads` for all of them in shared batches, with ``method``
                 and ``find_kwargs``; keep each language's ``top_k``, steer the union); a list of
@@ -119,6 +134,10 @@ class SoteriaPatcher:
         sites = head_sites(model)
         n_layers, n_heads = len(sites), sites[0].num_heads
         langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
+        if relative_scale is not None:
+            if scales != "auto":
+                raise ValueError("give scale= or relative_scale=, not both (relative_scale needs scale='auto')")
+            _check_relative(relative_scale, langs)
         find_kwargs = dict(find_kwargs or {})
         harm_kwargs = dict(harm_kwargs or {})
         if heads is None:
@@ -138,23 +157,12 @@ class SoteriaPatcher:
             from .heads import find_heads_multi
 
             # All languages in shared batches: one pass over the model per batch, one progress bar.
+            find_kwargs.setdefault("stop_k", top_k)  # n_trials="auto" watches the set that will be steered
             found = find_heads_multi(model, tokenizer, langs, method=method, progress=progress, **find_kwargs)
             per_lang = {lang: [tuple(p) for p in found[lang].top(top_k)] for lang in langs}
             recorded_method, recorded_k = method, top_k
         else:
             recorded_method, recorded_k = "explicit", None
-
-        config = SoteriaConfig(
-            languages=langs,
-            heads=per_lang,
-            scale=scales,
-            harm_source="",
-            harm_kind="tau",
-            method=recorded_method,
-            top_k=recorded_k,
-            model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
-        )
-        plan = layer_plan(config)
 
         if harm is None:
             from .harmful_data import harmful_languages
@@ -162,9 +170,29 @@ class SoteriaPatcher:
             if "data" not in harm_kwargs and "langs" not in harm_kwargs:
                 built_in = [x for x in langs if x in harmful_languages()]
                 harm_kwargs["langs"] = built_in or None
+            if harm_kwargs.get("data") is None:
+                harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
             harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
-        harm.check(model, layers=sorted(plan))
-        config.harm_source, config.harm_kind = harm.source, harm.kind
+        harm.check(model, layers=sorted({layer for pairs in per_lang.values() for layer, _ in pairs}))
+        if scales == "auto" and (relative_scale is not None or harm.kind == "tau"):
+            relative = _check_relative(DEFAULT_RELATIVE_SCALE if relative_scale is None else relative_scale, langs)
+            scales = {lang: calibrated_scale(sites, harm, per_lang[lang], _of(relative, lang)) for lang in langs}
+        else:
+            relative = None
+            scales = 1.0 if scales == "auto" else scales
+
+        config = SoteriaConfig(
+            languages=langs,
+            heads=per_lang,
+            scale=scales,
+            relative_scale=relative,
+            harm_source=harm.source,
+            harm_kind=harm.kind,
+            method=recorded_method,
+            top_k=recorded_k,
+            model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
+        )
+        plan = layer_plan(config)
 
         overlays: list[tuple[dict, str, torch.Tensor | None]] = []
         try:
@@ -420,8 +448,13 @@ def layer_plan(config: SoteriaConfig) -> dict[int, tuple[list[int], list[float]]
     return plan
 
 
-def _check_scale(scale: Any, langs: list[str]) -> float | dict[str, float]:
+def _check_scale(scale: Any, langs: list[str]) -> float | dict[str, float] | str:
     import math
+
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise ValueError(f"scale must be a finite float, {{lang: float}} or 'auto', got {scale!r}")
+        return scale
 
     def one(v, what):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
@@ -435,6 +468,38 @@ def _check_scale(scale: Any, langs: list[str]) -> float | dict[str, float]:
             raise ValueError(f"scale must give one value per language: missing {missing}, unexpected {extra}")
         return {lang: one(scale[lang], f"scale[{lang!r}]") for lang in langs}
     return one(scale, "scale")
+
+
+def _check_relative(relative: Any, langs: list[str]) -> float | dict[str, float]:
+    """A positive relative scale, one or per language; ValueError otherwise."""
+    checked = _check_scale(relative, langs)
+    values = checked.values() if isinstance(checked, dict) else [checked]
+    if isinstance(checked, str) or not all(v > 0 for v in values):
+        raise ValueError(f"relative_scale must be a positive float or {{lang: positive float}}, got {relative!r}")
+    return checked
+
+
+def _of(value: float | dict[str, float], lang: str) -> float:
+    return value[lang] if isinstance(value, dict) else value
+
+
+def calibrated_scale(sites, harm: HarmVector, heads: list[tuple[int, int]], relative: float) -> float:
+    """The scale with ``||scale * tau_S||_F = relative * ||W_S||_F`` over the slices of ``heads``
+    (``tau = W_harmful - W`` for a fine-tune). ValueError when the direction is zero there."""
+    w2 = t2 = 0.0
+    with torch.no_grad():
+        for layer in sorted({layer for layer, _ in heads}):
+            site = sites[layer]
+            weight = site.weight.detach()
+            if weight.device.type == "meta":
+                raise ValueError("scale='auto' needs the weights in memory; give offloaded layers an explicit scale")
+            tau = harm.tau(layer, weight).to(device=weight.device, dtype=torch.float32)
+            for h in (h for lyr, h in heads if lyr == layer):
+                w2 += float(_slice(weight, site, h).to(torch.float32).pow(2).sum())
+                t2 += float(_slice(tau, site, h).pow(2).sum())
+    if t2 == 0.0:
+        raise ValueError("the harm direction is zero on the selected heads; scale='auto' cannot calibrate it")
+    return relative * (w2 / t2) ** 0.5
 
 
 def _check_find(langs, method, top_k, total: int, tokenizer, find_kwargs) -> None:

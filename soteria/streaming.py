@@ -390,10 +390,11 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
             "or heads={lang: pairs}"
         )
     langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
+    auto = scales == "auto"  # a fine-tune's scale is 1.0; a direction's cannot be calibrated on disk
     record = SoteriaConfig(
         languages=langs,
         heads=per_lang,
-        scale=scales,
+        scale=1.0 if auto else scales,
         method="explicit",
         top_k=None,
         model_type=str(getattr(model.config, "model_type", "") or ""),
@@ -435,6 +436,9 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
     elif not isinstance(harm, HarmVector):
         raise ValueError(f"harm must be a HarmVector or a harmful checkpoint's path, got {type(harm).__name__}")
     harm.check(model, layers=sorted(plan))
+    if auto and harm.kind == "tau":
+        raise ValueError("scale='auto' calibrates a direction against weights in memory; give the streaming edit "
+                         "an explicit scale (--scale), e.g. the one recorded by an in-memory steering")  # fmt: skip
     record.harm_source, record.harm_kind = harm.source, harm.kind
     return _Plan(
         base=base,
@@ -490,7 +494,7 @@ def steer_checkpoint(
         device: where the kernel runs (``"cuda"``: Triton); tensors are read and written on CPU.
             The result is bit-identical to ``SoteriaPatcher.apply`` on a model on the same kind of
             device (CPU and GPU kernels may round a few elements differently).
-        progress: a tqdm bar over shards.
+        progress: a progress bar over shards (log lines when stderr is not a terminal).
 
     Every file of ``base_dir`` is carried over (shards rewritten as described in the module
     docstring; ``config.json`` gains ``"soteria"``; ``README.md`` is replaced by the model card;
@@ -500,9 +504,8 @@ def steer_checkpoint(
     checked before anything is written; NaN/Inf in a harmful tensor is found when it is read
     and aborts the run. No output appears unless the whole run succeeds.
     """
-    from tqdm.auto import tqdm
-
     from .atomic import atomic_directory
+    from .progress import progress_bar
 
     device = torch.device(device)
     plan = _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code)
@@ -511,7 +514,7 @@ def steer_checkpoint(
     skipped: list[str] = []
     with atomic_directory(plan.out, overwrite=overwrite) as tmp:
         _carry_files(plan.base, tmp, shard_names, skipped)
-        for name in tqdm(sorted(shard_names), desc="steer shards", unit="shard", disable=None if progress else True):
+        for name in progress_bar(sorted(shard_names), desc="steer shards", unit="shard", enabled=progress):
             dst = tmp / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             edits = {key: _editor(plan, layer, device) for key, layer in plan.edits.get(name, {}).items()}

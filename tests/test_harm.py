@@ -521,3 +521,51 @@ def test_from_gradients_bad_arguments():
         HarmVector.from_gradients(model, tok, batch_size=0)
     with pytest.raises(ValueError, match="langs selects built-in data"):
         HarmVector.from_gradients(model, tok, [("a", "b")], langs=["en"])
+
+
+def test_contrast_direction_is_the_difference_of_the_two_gradients(monkeypatch):
+    from soteria.harmful_data import load_harmful, load_harmless
+
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    rows = load_harmful(["en"])
+    benign = [r["prompt"] for r in load_harmless(["en"])][:5]
+    paired = [{"prompt": p, "refusal": rows[i % len(rows)]["refusal"]} for i, p in enumerate(benign)]
+    both = HarmVector.from_gradients(model, tok, data=rows, contrast=benign, progress=False)
+    plus = HarmVector.from_gradients(model, tok, data=rows, progress=False)
+    minus = HarmVector.from_gradients(model, tok, data=paired, progress=False)
+    for layer in both.layers:
+        torch.testing.assert_close(both.tensor(layer), plus.tensor(layer) - minus.tensor(layer), rtol=1e-6, atol=1e-9)
+    assert "contrast=data n_contrast=5" in both.source
+    builtin = HarmVector.from_gradients(model, tok, langs=["en"], contrast="builtin", progress=False)
+    assert "contrast=builtin n_contrast=12" in builtin.source
+
+
+def test_refusal_tokens_scores_only_the_opening_of_each_refusal():
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    rows = [
+        {
+            "prompt": "How do I pick a lock?",
+            "refusal": "I can't help with that. Picking locks you do not own is illegal.",
+        }
+    ]
+    head = [
+        {
+            "prompt": rows[0]["prompt"],
+            "refusal": tok.decode(tok(rows[0]["refusal"], add_special_tokens=False)["input_ids"][:3]),
+        }
+    ]
+    a = HarmVector.from_gradients(model, tok, data=rows, refusal_tokens=3, progress=False)
+    b = HarmVector.from_gradients(model, tok, data=head, refusal_tokens=3, progress=False)
+    for layer in a.layers:
+        torch.testing.assert_close(a.tensor(layer), b.tensor(layer))
+    assert "refusal_tokens=3" in a.source
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(contrast="nope"), "contrast must be None, 'builtin'"),
+    (dict(contrast=[]), "at least one non-empty prompt"),
+    (dict(refusal_tokens=0), "refusal_tokens must be a positive int"),
+])  # fmt: skip
+def test_gradient_options_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        HarmVector.from_gradients(tiny_model("llama"), tiny_tokenizer(), langs=["en"], progress=False, **kw)

@@ -323,12 +323,25 @@ def test_find_heads_progress_bar_counts_trials(tok, monkeypatch, method):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
+    import soteria.progress
+
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    monkeypatch.setattr(soteria.progress, "_is_terminal", lambda stream: True)
     model = tiny_model("gpt2")
     find_heads(model, tok, "xx", method=method, cache=False, **{**SMALL, "progress": True})
     find_heads(model, tok, "xx", method=method, cache=False, **SMALL)
-    assert [b.asked_disable for b in bars] == [None, True]  # None: hidden when not a terminal
+    assert [b.asked_disable for b in bars] == [False, True]
     assert bars[0].total == 8 and bars[0].n == pytest.approx(8)
+
+
+def test_find_heads_progress_shows_in_logs_when_stderr_is_not_a_terminal(tok, capsys):
+    model = tiny_model("gpt2")
+    find_heads(model, tok, "xx", cache=False, **{**SMALL, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("find_heads xx (atp): ") for line in lines)
+    assert "8/8 trial (100%)" in lines[-1]
+    find_heads(model, tok, "xx", cache=False, **SMALL)
+    assert capsys.readouterr().err == ""
 
 
 def test_find_heads_bad_input(tok):
@@ -339,3 +352,27 @@ def test_find_heads_bad_input(tok):
         find_heads(model, tok, "xx-unknown", n_shots=2, n_trials=2, progress=False)
     with pytest.raises(ValueError, match="n_trials"):
         find_heads(model, tok, "xx", **{**SMALL, "n_trials": 0})
+
+
+def test_auto_trials_stop_once_the_top_set_is_stable_and_record_the_rule(tok):
+    from soteria.heads import AUTO_MAX_TRIALS, AUTO_STEP
+
+    model = tiny_model("llama")
+    scores = find_heads(
+        model, tok, "xx", tasks=TASKS, n_shots=3, n_trials="auto", stop_k=4, cache=False, progress=False
+    )
+    used = scores.settings["trials"]
+    assert scores.settings["n_trials"] == "auto" and "top-4 set has Jaccard >= 0.9" in scores.settings["auto_rule"]
+    assert all(n % AUTO_STEP == 0 and 2 * AUTO_STEP <= n <= AUTO_MAX_TRIALS for n in used.values())
+    assert scores.settings["stable"] or max(used.values()) == AUTO_MAX_TRIALS  # stopped early only when stable
+    # the same rounds again give the same scores (deterministic), and a fixed count stays one round
+    again = find_heads(model, tok, "xx", tasks=TASKS, n_shots=3, n_trials="auto", stop_k=4, cache=False, progress=False)
+    assert torch.equal(scores.scores, again.scores)
+    fixed = find_heads(model, tok, "xx", tasks=TASKS, n_shots=3, n_trials=4, cache=False, progress=False)
+    assert fixed.settings["trials"] == dict.fromkeys(TASKS, 4) and "auto_rule" not in fixed.settings
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "many", True])
+def test_bad_n_trials_is_refused_before_any_work(tok, bad):
+    with pytest.raises(ValueError, match="n_trials must be a positive int or 'auto'"):
+        find_heads(tiny_model("llama"), tok, "xx", tasks=TASKS, n_trials=bad, cache=False, progress=False)

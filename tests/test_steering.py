@@ -305,11 +305,16 @@ def test_harm_none_uses_gradients_of_the_steered_languages(monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_model("llama")
     snap = _snapshot(model)
-    expected = HarmVector.from_gradients(tiny_model("llama"), tok, langs=["en", "fr"], progress=False)
+    expected = HarmVector.from_gradients(
+        tiny_model("llama"), tok, langs=["en", "fr"], contrast="builtin", progress=False
+    )
     SoteriaPatcher.apply(model, ["en", "fr"], heads=[(0, 2), (1, 1)], tokenizer=tok, scale=0.5, progress=False)
     cfg = model.soteria_config
     assert cfg.harm_kind == "tau" and cfg.harm_source == expected.source
-    assert cfg.harm_source.startswith("gradients:builtin(en,fr) n=20")
+    assert (
+        cfg.harm_source.startswith("gradients:builtin(en,fr) n=20")
+        and "contrast=builtin n_contrast=24" in cfg.harm_source
+    )
     taus64 = {layer: expected.tensor(layer).double() for layer in expected.layers}
     _check_against_dense(model, snap, taus64, cfg.head_scales(), max_ulp=0)
 
@@ -357,3 +362,47 @@ def test_peft_wrapped_model(monkeypatch):
     SoteriaPatcher.revert(wrapped)
     for layer, w in base_o.items():
         assert torch.equal(w, snap[f"model.layers.{layer}.self_attn.o_proj.weight"])
+
+
+def test_scale_auto_calibrates_a_direction_to_the_relative_size(monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    harm = HarmVector.from_gradients(model, tok, langs=["en"], progress=False)
+    before = {s.layer: s.weight.detach().clone() for s in head_sites(model)}
+    heads = {"en": [(0, 2), (1, 1)], "fr": [(1, 0)]}
+    SoteriaPatcher.apply(model, ["en", "fr"], heads=heads, harm=harm, relative_scale={"en": 0.05, "fr": 0.1})
+    cfg = model.soteria_config
+    assert cfg.relative_scale == {"en": 0.05, "fr": 0.1}
+    sites = head_sites(model)
+    for lang, rho in cfg.relative_scale.items():
+        w2 = d2 = 0.0
+        for layer, h in heads[lang]:
+            d = sites[layer].head_dim
+            w2 += float(before[layer].narrow(1, h * d, d).double().pow(2).sum())
+            d2 += float((cfg.scale_of(lang) * harm.tensor(layer).narrow(1, h * d, d).double()).pow(2).sum())
+        assert (d2 / w2) ** 0.5 == pytest.approx(rho, rel=1e-6)
+    SoteriaPatcher.revert(model)
+    SoteriaPatcher.apply(model, ["en"], heads=heads["en"], harm=harm)  # the default relative scale
+    from soteria.defaults import DEFAULT_RELATIVE_SCALE
+
+    assert model.soteria_config.relative_scale == DEFAULT_RELATIVE_SCALE
+
+
+def test_scale_auto_is_one_for_a_harmful_fine_tune():
+    model = tiny_model("llama")
+    SoteriaPatcher.apply(model, ["en"], heads=[(0, 1)], harm=HarmVector.from_models(model, _harmful("llama")))
+    assert model.soteria_config.scale == 1.0 and model.soteria_config.relative_scale is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(scale=0.5, relative_scale=0.1), "give scale= or relative_scale=, not both"),
+    (dict(relative_scale=-0.1), "relative_scale must be a positive float"),
+    (dict(relative_scale={"xx": 0.1}), "one value per language"),
+    (dict(scale="big"), "or 'auto'"),
+])  # fmt: skip
+def test_scale_arguments_bad_input_leave_the_model_unchanged(kw, match):
+    model = tiny_model("llama")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        SoteriaPatcher.apply(model, ["en"], heads=[(0, 1)], harm=HarmVector.from_models(model, _harmful("llama")), **kw)
+    _assert_identical(model, snap)

@@ -192,9 +192,9 @@ def _check_positive(name: str, value: Any) -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled, leave=False)
+    return progress_bar(total=total, desc=desc, unit="prompt", enabled=enabled, leave=False)
 
 
 def generate_texts(

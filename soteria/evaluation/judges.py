@@ -514,7 +514,7 @@ class LLMJudge(Judge):
             else:
                 todo.setdefault(key, []).append(i)
 
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         def run(key: str) -> tuple[str, Verdict]:
             i = todo[key][0]
@@ -522,7 +522,7 @@ class LLMJudge(Judge):
 
         with (
             cf.ThreadPoolExecutor(max_workers=self.workers) as pool,
-            tqdm(total=len(todo), desc="judge", disable=not self.progress, leave=False) as bar,
+            progress_bar(total=len(todo), desc="judge", enabled=self.progress, leave=False) as bar,
         ):
             futures = [pool.submit(run, key) for key in todo]
             try:
@@ -666,8 +666,7 @@ class ClassifierJudge(Judge):
         return ids or [int(self.tokenizer.eos_token_id or 0)]
 
     def _judge(self, prompts, responses, langs):
-        from tqdm.auto import tqdm
-
+        from ..progress import progress_bar
         from ..prompts import encode_batch
         from .generation import _device
 
@@ -677,7 +676,7 @@ class ClassifierJudge(Judge):
         out: list[Verdict] = []
         device = _device(self.model)
         with torch.inference_mode():
-            for start in tqdm(range(0, len(rows), bs), desc="judge", disable=not self.progress, leave=False):
+            for start in progress_bar(range(0, len(rows), bs), desc="judge", enabled=self.progress, leave=False):
                 chunk = rows[start : start + bs]
                 ids, mask, _ = encode_batch(self.tokenizer, chunk, padding_side="right", device=device)
                 if getattr(self.model.config, "pad_token_id", None) is not None:

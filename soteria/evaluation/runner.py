@@ -189,9 +189,9 @@ def evaluate(
         results.append(LangResult(lang, per_role["before"], per_role.get("after")))
 
     if utility:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        for res in tqdm(results, desc="utility", disable=not progress, leave=False):
+        for res in progress_bar(results, desc="utility", enabled=progress, leave=False):
             held = _texts_for(res.lang, heldout, heldout_texts)
             kw = dict(heldout=held, probe_prompts=probe_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size)
             res.utility_before = _utility(model, tokenizer, res.lang, **kw)
