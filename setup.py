@@ -30,9 +30,11 @@ setup(
         "tqdm>=4.64",
         "numpy",
         "matplotlib>=3.7",
+        "gguf>=0.10",  # GGUF input (--gguf-file) and the pip-shipped real models (soteria.pretrained)
+        "accelerate>=1.0",  # device_map loading and GGUF loading in transformers
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "accelerate>=1.0", "peft>=0.13", "scipy"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "peft>=0.13", "scipy"],
     },
     entry_points={"console_scripts": ["soteria=soteria.cli:main"]},
     classifiers=[

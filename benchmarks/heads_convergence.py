@@ -43,6 +43,9 @@ def main(argv=None) -> None:
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--n-shots", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--reference", choices=["full", "rounds"], default="full",
+                    help="full: a separate one-round 25-trial run (means over all 25 clean prompts); rounds: the "
+                    "auto run's own 25 trials when it used them all (half the time)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_pretrained(args.model)
@@ -65,10 +68,16 @@ def main(argv=None) -> None:
     finally:
         heads_mod._round = original
     t0 = time.perf_counter()
-    full = find_heads_multi(model, tok, args.langs, n_shots=args.n_shots, n_trials=25, cache=False)
-    t_full = time.perf_counter() - t0
+    if args.reference == "full":
+        full = find_heads_multi(model, tok, args.langs, n_shots=args.n_shots, n_trials=25, cache=False)
+    else:
+        if any(max(auto[x].settings["trials"].values()) < 25 for x in args.langs):
+            raise SystemExit("--reference rounds needs an auto run that used all 25 trials; use --reference full")
+        full = auto
+    t_full = time.perf_counter() - t0 if args.reference == "full" else float("nan")
 
-    settings = dict(model=args.model, top_k=args.top_k, n_shots=args.n_shots, threads=args.threads, **provenance())
+    settings = dict(model=args.model, top_k=args.top_k, n_shots=args.n_shots, threads=args.threads,
+                    reference=args.reference, **provenance())  # fmt: skip
     rows, curve = [], []
     for lang in args.langs:
         ref = full[lang].top(args.top_k)
@@ -87,7 +96,7 @@ def main(argv=None) -> None:
             curve.append(dict(lang=lang, trials=(i + 1) * AUTO_STEP, jaccard_vs_25=_jaccard(top, ref)))
     print_table(rows, ["lang", "trials_auto", "stable", "jaccard_vs_25", "auto_s", "full25_s"])
     print_table(curve)
-    print({k: settings[k] for k in ("model", "top_k", "n_shots", "threads", "device")})
+    print({k: settings[k] for k in ("model", "top_k", "n_shots", "threads", "reference", "device")})
     append_csv("heads_convergence", rows)
     _plot(curve, args)
 

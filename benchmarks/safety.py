@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     t_steer = time.perf_counter() - t0
     common = dict(langs=langs, judge="refusal", max_new_tokens=args.max_new_tokens, batch_size=16, resume=False)
     harmful = evaluate(model, tok, steered=steered, probe_prompts=args.probe_prompts, out_dir=work / "harmful",
-                       **common)  # fmt: skip
+                       utility=steered is not None, **common)  # fmt: skip
     benign = [EvalPrompt(p, lang, source="harmless", id=f"harmless:{lang}:{i}")
               for lang in langs for i, p in enumerate(harmless_prompts(lang))]  # fmt: skip
     harmless = evaluate(model, tok, steered=steered, prompts=benign, utility=False, out_dir=work / "harmless",

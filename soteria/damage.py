@@ -18,20 +18,22 @@ if TYPE_CHECKING:
 
 from .defaults import DEFAULT_MAX_KL
 
-__all__ = ["SteeringDamageError", "damage_check"]
+__all__ = ["SteeringDamageError", "damage_check", "harmless_kl"]
 
 
 class SteeringDamageError(ValueError):
     """The steered model's harmless-prompt KL is above the bound; nothing was written."""
 
 
-def _texts(tokenizer, langs: list[str], n_prompts: int) -> tuple[list[str], list[str]]:
+def harmless_kl(model: nn.Module, tokenizer, lang: str, prompts: list[str]) -> float:
+    """KL(base || steered) of a model steered in this process on ``prompts``, formatted as they
+    are answered (the chat template when the tokenizer has one)."""
     from .evaluation.generation import format_inputs
-    from .evaluation.prompt_sets import EvalPrompt, eval_languages, harmless_prompts
+    from .evaluation.prompt_sets import EvalPrompt
+    from .evaluation.utility import steering_kl
 
-    used = [x for x in langs if x in eval_languages()] or ["en"]
-    items = [EvalPrompt(p, lang) for lang in used for p in harmless_prompts(lang)[:n_prompts]]
-    return format_inputs(tokenizer, items)[0], used
+    texts, templated = format_inputs(tokenizer, [EvalPrompt(p, lang) for p in prompts])
+    return steering_kl(model, tokenizer, texts, add_special_tokens=not templated)["mean"]
 
 
 def damage_check(
@@ -50,15 +52,13 @@ def damage_check(
     Raises :class:`SteeringDamageError` when ``kl > max_kl`` and not ``force`` (``max_kl=None``:
     measure only). Languages without built-in harmless prompts are measured on English ones.
     """
-    from .evaluation.utility import steering_kl
+    from .evaluation.prompt_sets import eval_languages, harmless_prompts
 
-    texts, used = _texts(tokenizer, list(langs), n_prompts)
-    per_lang = {}
-    for i, lang in enumerate(used):
-        chunk = texts[i * n_prompts : (i + 1) * n_prompts]
-        per_lang[lang] = steering_kl(model, tokenizer, chunk)["mean"]
+    used = [x for x in langs if x in eval_languages()] or ["en"]
+    per_lang = {lang: harmless_kl(model, tokenizer, lang, harmless_prompts(lang)[:n_prompts]) for lang in used}
     kl = sum(per_lang.values()) / len(per_lang)
-    record = {"kl": kl, "per_lang": per_lang, "max_kl": max_kl, "prompts": len(texts), "forced": False}
+    n = sum(len(harmless_prompts(lang)[:n_prompts]) for lang in used)
+    record = {"kl": kl, "per_lang": per_lang, "max_kl": max_kl, "prompts": n, "forced": False}
     if verbose:
         detail = ", ".join(f"{k} {v:.3f}" for k, v in per_lang.items())
         bound = f"; bound {max_kl:g}" if max_kl is not None else ""
@@ -66,7 +66,7 @@ def damage_check(
     if max_kl is not None and kl > max_kl:
         if not force:
             raise SteeringDamageError(
-                f"the steered model's KL on {len(texts)} harmless prompts ({', '.join(used)}) is {kl:.2f}, above "
+                f"the steered model's KL on {n} harmless prompts ({', '.join(used)}) is {kl:.2f}, above "
                 f"the bound {max_kl:g}: it is likely broken (scale too large, or too many heads); lower the scale "
                 "or the head count, or force the write (force=True, --force)"
             )

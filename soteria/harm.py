@@ -420,6 +420,7 @@ class HarmVector:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        gguf_file: str | None = None,
     ) -> HarmVector:
         """The harmful fine-tune's output projections from its safetensors checkpoint (kind ``"harmful"``).
 
@@ -436,7 +437,20 @@ class HarmVector:
         the checkpoint is the narrower one).
 
         ``revision``, ``token``, ``cache_dir``, ``local_files_only`` go to ``hf_hub_download``.
+
+        ``gguf_file``: the fine-tune is this GGUF file in the folder ``path_or_repo_id``. GGUF
+        stores tensors quantized, so the whole model is loaded and dequantized
+        (:func:`soteria.loading.load_causal_lm`) and its output projections are copied
+        (:meth:`from_models`); the rest is dropped.
         """
+        if gguf_file is not None:
+            from .loading import load_causal_lm
+
+            dtype = str(_sites(base)[0].weight.dtype).replace("torch.", "")
+            harmful = load_causal_lm(str(path_or_repo_id), dtype=dtype, gguf_file=gguf_file, what="harmful model")
+            hv = cls.from_models(base, harmful)
+            hv.source = f"gguf:{Path(path_or_repo_id) / gguf_file}"
+            return hv
         sites = _sites(base)
         prefix = str(getattr(_inner(base), "base_model_prefix", "") or "")
         src = str(path_or_repo_id)
@@ -595,13 +609,14 @@ class HarmVector:
             data: None (the built-in multilingual set, :func:`soteria.harmful_data.load_harmful`),
                 a JSONL path, or rows ``{"prompt", "refusal"}`` / ``(prompt, refusal)`` pairs.
             langs: with ``data=None``, the built-in languages to use (default: all twelve).
-            contrast: harmless requests whose refusal is made *less* likely by the same step:
-                ``"builtin"`` (the built-in harmless requests of ``langs``,
+            contrast: harmless requests whose refusal the step must leave alone: ``"builtin"``
+                (the built-in harmless requests of ``langs``,
                 :func:`soteria.harmful_data.load_harmless`), or a list of strings / ``{"prompt"}``
-                rows. Each is paired with a refusal of the data (in turn), and
-                ``tau = dL/dW_o - dL_contrast/dW_o``: a step toward refusing harmful requests and
-                away from refusing harmless ones, which keeps over-refusal down. None (default):
-                no contrast.
+                rows. Each is paired with a refusal of the data (in turn), giving a refusal loss
+                ``L_c`` on harmless requests; in every head's slice of every ``W_o``, ``tau`` then
+                loses its component along ``dL_c/dW_o``. So, to first order, steering any set of
+                heads leaves the refusal of those harmless requests unchanged while it raises the
+                refusal of harmful ones: over-refusal is kept down. None (default): no contrast.
             refusal_tokens: score only the first this many tokens of each refusal (the decision to
                 refuse, not the explanation that follows); None: all of them.
             batch_size, max_length: rows per forward/backward pass; tokens per row (the refusal
@@ -656,7 +671,7 @@ class HarmVector:
         tensors = {s.layer: (a / n) for s, a in zip(sites, acc)}
         source = f"gradients:{what} n={n} refusal_nll={total_loss / n:.4f}"
         if n_c:
-            tensors = {s.layer: tensors[s.layer] - c / n_c for s, c in zip(sites, acc_c)}
+            tensors = {s.layer: _project_out(tensors[s.layer], c / n_c, s) for s, c in zip(sites, acc_c)}
             source += f" contrast={'builtin' if contrast == 'builtin' else 'data'} n_contrast={n_c}"
         if refusal_tokens is not None:
             source += f" refusal_tokens={refusal_tokens}"
@@ -771,6 +786,18 @@ def _rows(data: Any, langs, batch_size: int, max_length: int) -> tuple[list[dict
         raise ValueError("langs selects built-in data; filter your own data instead")
     rows = read_harmful(data)
     return rows, (f"file:{data}" if isinstance(data, (str, os.PathLike)) else "data")
+
+
+def _project_out(tau: torch.Tensor, along: torch.Tensor, site) -> torch.Tensor:
+    """``tau`` minus, in each head's slice, its projection on ``along`` (fp32; both ``W_o``-shaped)."""
+    axis = site.head_axis % 2
+    out = tau.clone()
+    for h in range(site.num_heads):
+        t, a = out.narrow(axis, h * site.head_dim, site.head_dim), along.narrow(axis, h * site.head_dim, site.head_dim)
+        a2 = float(a.pow(2).sum())
+        if a2 > 0.0:
+            t -= (float((t * a).sum()) / a2) * a
+    return out
 
 
 def _contrast_rows(contrast: Any, rows: list[dict[str, str]], langs) -> list[dict[str, str]]:

@@ -4,6 +4,9 @@
 non-graphic harmful requests (break into a house, phishing, shoplifting, forged documents, ...)
 each with a natural refusal in the same language. One JSON object a line:
 ``{"prompt": ..., "refusal": ..., "lang": ...}``. The same ten requests in every language.
+
+``soteria/data/harmless/<lang>.jsonl``: twelve harmless requests per language (``{"prompt",
+"lang"}``), the same in every language: the contrast set of the gradient direction.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .config import SoteriaConfig
-from .defaults import DEFAULT_CONTRAST, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
+from .defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from .harm import HarmVector
 from .probes import lang_list
 
@@ -96,8 +96,9 @@ class SoteriaPatcher:
             harm: a :class:`HarmVector`; a path or Hub id of a harmful fine-tune (or of a saved
                 vector), read with :meth:`HarmVector.from_pretrained` (``harm_kwargs`` passed on);
                 or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
-                steered languages (all twelve if none of them is built in; ``harm_kwargs`` passed
-                on). None needs ``tokenizer``.
+                steered languages (all twelve if none of them is built in), by default with the
+                built-in harmless contrast set and the first 4 refusal tokens
+                (:mod:`soteria.defaults`; ``harm_kwargs`` override). None needs ``tokenizer``.
             scale: ``lambda``, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for a
                 harmful fine-tune (the paper's form), and for a direction (``harm=None``: the
                 gradient direction, whose raw size means nothing) the scale that makes the edit
@@ -172,11 +173,12 @@ class SoteriaPatcher:
                 harm_kwargs["langs"] = built_in or None
             if harm_kwargs.get("data") is None:
                 harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
+            harm_kwargs.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)
             harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
         harm.check(model, layers=sorted({layer for pairs in per_lang.values() for layer, _ in pairs}))
         if scales == "auto" and (relative_scale is not None or harm.kind == "tau"):
             relative = _check_relative(DEFAULT_RELATIVE_SCALE if relative_scale is None else relative_scale, langs)
-            scales = {lang: calibrated_scale(sites, harm, per_lang[lang], _of(relative, lang)) for lang in langs}
+            scales = {lang: calibrated_scale(model, harm, per_lang[lang], _of(relative, lang)) for lang in langs}
         else:
             relative = None
             scales = 1.0 if scales == "auto" else scales
@@ -483,20 +485,25 @@ def _of(value: float | dict[str, float], lang: str) -> float:
     return value[lang] if isinstance(value, dict) else value
 
 
-def calibrated_scale(sites, harm: HarmVector, heads: list[tuple[int, int]], relative: float) -> float:
+def calibrated_scale(model: nn.Module, harm: HarmVector, heads: list[tuple[int, int]], relative: float) -> float:
     """The scale with ``||scale * tau_S||_F = relative * ||W_S||_F`` over the slices of ``heads``
-    (``tau = W_harmful - W`` for a fine-tune). ValueError when the direction is zero there."""
+    (``tau = W_harmful - W`` for a fine-tune); offloaded layers are read where their values live.
+    ValueError when the direction is zero there."""
+    from .arch import head_sites
+
+    inner, sites = _inner(model), head_sites(model)
     w2 = t2 = 0.0
     with torch.no_grad():
         for layer in sorted({layer for layer, _ in heads}):
-            site = sites[layer]
-            weight = site.weight.detach()
-            if weight.device.type == "meta":
-                raise ValueError("scale='auto' needs the weights in memory; give offloaded layers an explicit scale")
-            tau = harm.tau(layer, weight).to(device=weight.device, dtype=torch.float32)
-            for h in (h for lyr, h in heads if lyr == layer):
-                w2 += float(_slice(weight, site, h).to(torch.float32).pow(2).sum())
-                t2 += float(_slice(tau, site, h).pow(2).sum())
+            site, reads = sites[layer], []
+            try:
+                weight = _editable_weight(inner, site, reads).detach()
+                tau = harm.tau(layer, weight).to(device=weight.device, dtype=torch.float32)
+                for h in (h for lyr, h in heads if lyr == layer):
+                    w2 += float(_slice(weight, site, h).to(torch.float32).pow(2).sum())
+                    t2 += float(_slice(tau, site, h).pow(2).sum())
+            finally:
+                _drop_overlays(reads)  # a copy read from disk is not kept
     if t2 == 0.0:
         raise ValueError("the harm direction is zero on the selected heads; scale='auto' cannot calibrate it")
     return relative * (w2 / t2) ** 0.5

@@ -186,18 +186,18 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from soteria.demo import format_summary, run_demo
+    from soteria.demo import format_tiny_summary, run_tiny_demo
 
-    summary = run_demo(tmp_path / "demo", n_shots=2, n_trials=2, top_k=4)
+    summary = run_tiny_demo(tmp_path / "demo", n_shots=2, n_trials=2, top_k=4)
     assert summary["reload_max_logit_diff"] == 0.0
     assert summary["changed"] > 0 and summary["changed"] < summary["total"]
     for lang in summary["langs"]:
         assert summary["refusal_nll_after"][lang] < summary["refusal_nll_before"][lang]
         assert (tmp_path / "demo" / "heads" / f"{lang}.png").exists()
-    text = format_summary(summary)
+    text = format_tiny_summary(summary)
     assert "parameters changed" in text and "hi" in text
     assert ", ..." not in text  # 4 heads per language: all of them are listed
-    assert ", ..." in format_summary({**summary, "heads": {k: v * 2 for k, v in summary["heads"].items()}})
+    assert ", ..." in format_tiny_summary({**summary, "heads": {k: v * 2 for k, v in summary["heads"].items()}})
     # the folder loads with plain transformers where soteria cannot be imported
     code = (
         "import sys; sys.modules['soteria'] = sys.modules['soteria_kernels'] = None\n"

@@ -49,6 +49,9 @@ def _record_bars(log: list):
             super().__init__(*args, **kwargs)
 
     tqdm.auto.tqdm = Recorder
+    import soteria.progress
+
+    soteria.progress._is_terminal = lambda stream: True  # bars, not log lines, so they are recorded here
 
 
 def _worker(out: Path) -> None:
@@ -164,7 +167,7 @@ def test_rank_zero_alone_writes_and_shows_progress(two_ranks):
     assert [r["cli_code"] for r in ranks] == [0, 0]
     assert "en: top heads" in ranks[0]["cli_stdout"] and ranks[1]["cli_stdout"] == ""
     # One bar per computing call (multi; the CLI's en+fr); exact and indirect_effects make none here.
-    assert [b["disable"] for b in ranks[0]["bars"]] == [None, True, None]  # exact ran with progress=False
+    assert [b["disable"] for b in ranks[0]["bars"]] == [False, True, False]  # exact ran with progress=False
     assert [b["disable"] for b in ranks[1]["bars"]] == [True, True, True]
     assert ranks[0]["bars"][0]["total"] == 8  # rank 0's share of 15 trials: 0, 2, ..., 14
 

@@ -523,7 +523,7 @@ def test_from_gradients_bad_arguments():
         HarmVector.from_gradients(model, tok, [("a", "b")], langs=["en"])
 
 
-def test_contrast_direction_is_the_difference_of_the_two_gradients(monkeypatch):
+def test_contrast_removes_the_harmless_refusal_gradient_from_every_head_slice():
     from soteria.harmful_data import load_harmful, load_harmless
 
     tok, model = tiny_tokenizer(), tiny_model("llama")
@@ -533,8 +533,13 @@ def test_contrast_direction_is_the_difference_of_the_two_gradients(monkeypatch):
     both = HarmVector.from_gradients(model, tok, data=rows, contrast=benign, progress=False)
     plus = HarmVector.from_gradients(model, tok, data=rows, progress=False)
     minus = HarmVector.from_gradients(model, tok, data=paired, progress=False)
-    for layer in both.layers:
-        torch.testing.assert_close(both.tensor(layer), plus.tensor(layer) - minus.tensor(layer), rtol=1e-6, atol=1e-9)
+    for site in head_sites(model):
+        d = site.head_dim
+        for h in range(site.num_heads):
+            t, p, m = (v.tensor(site.layer).narrow(1, h * d, d).double() for v in (both, plus, minus))
+            coef = float((p * m).sum() / (m * m).sum())
+            torch.testing.assert_close(t, p - coef * m, rtol=0, atol=1e-5 * float(p.abs().max()))
+            assert abs(float((t * m).sum())) <= 1e-5 * float(t.norm() * m.norm())  # first order: L_c unchanged
     assert "contrast=data n_contrast=5" in both.source
     builtin = HarmVector.from_gradients(model, tok, langs=["en"], contrast="builtin", progress=False)
     assert "contrast=builtin n_contrast=12" in builtin.source

@@ -83,7 +83,10 @@ def test_one_traversal_per_batch_and_one_bar(tok, monkeypatch):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
+    import soteria.progress
+
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    monkeypatch.setattr(soteria.progress, "_is_terminal", lambda stream: True)
     model = tiny_model("llama")
     passes = []
     model.register_forward_pre_hook(lambda *a: passes.append(1))

@@ -233,3 +233,42 @@ def test_atp_agrees_with_exact_patching_on_real_weights(smol):
     overlap16 = len(top(atp, 16) & top(exact, 16)) / 16
     print(f"AtP vs exact on SmolLM2-135M: spearman {rho:.3f}, top-16 overlap {overlap16:.2f}")
     assert rho >= 0.95 and overlap16 >= 0.85
+
+
+# --------------------------------------------------------------------------- the commands on real weights
+
+
+def test_cli_steers_a_gguf_file_into_a_plain_checkpoint(smol_dir, tmp_path, capsys):
+    from soteria.cli import main
+
+    out = tmp_path / "steered"
+    code = main(["steer", str(smol_dir.parent), "--gguf-file", SPEC.gguf_name, "--langs", "en",
+                 "--heads", "3:1,7:2", "--out", str(out)])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "harmless-prompt KL(base || steered)" in captured.err and "steered 2 heads" in captured.out
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["soteria"]["heads"] == {"en": [[3, 1], [7, 2]]}
+    assert config["soteria"]["relative_scale"] is not None  # the gradient direction's calibrated default
+    AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it
+
+
+def test_cli_convert_and_pretrained_names(smol_dir, tmp_path, capsys):
+    from soteria.cli import main
+
+    out = tmp_path / "converted"
+    assert main(["convert", str(smol_dir.parent), "--gguf-file", SPEC.gguf_name, "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "model.safetensors").is_file()
+    assert main(["convert", str(smol_dir.parent), "--gguf-file", SPEC.gguf_name, "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["steer", "pretrained:nope", "--langs", "en", "--out", str(tmp_path / "x")]) == 2
+    assert "no such pretrained model; choose one of" in capsys.readouterr().err
+
+
+def test_harm_from_a_gguf_fine_tune_reads_it_through_transformers(smol, smol_dir):
+    model, _ = smol
+    # The "fine-tune" here is the same GGUF file: loaded, dequantized, compared, and found equal.
+    with pytest.raises(ValueError, match="tau is zero"):
+        HarmVector.from_pretrained(str(smol_dir.parent), base=model, gguf_file=SPEC.gguf_name)
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        HarmVector.from_pretrained(str(smol_dir.parent), base=model, gguf_file="nope.gguf")

@@ -306,14 +306,14 @@ def test_harm_none_uses_gradients_of_the_steered_languages(monkeypatch):
     model = tiny_model("llama")
     snap = _snapshot(model)
     expected = HarmVector.from_gradients(
-        tiny_model("llama"), tok, langs=["en", "fr"], contrast="builtin", progress=False
+        tiny_model("llama"), tok, langs=["en", "fr"], contrast="builtin", refusal_tokens=4, progress=False
     )
     SoteriaPatcher.apply(model, ["en", "fr"], heads=[(0, 2), (1, 1)], tokenizer=tok, scale=0.5, progress=False)
     cfg = model.soteria_config
     assert cfg.harm_kind == "tau" and cfg.harm_source == expected.source
     assert (
         cfg.harm_source.startswith("gradients:builtin(en,fr) n=20")
-        and "contrast=builtin n_contrast=24" in cfg.harm_source
+        and "contrast=builtin n_contrast=24 refusal_tokens=4" in cfg.harm_source
     )
     taus64 = {layer: expected.tensor(layer).double() for layer in expected.layers}
     _check_against_dense(model, snap, taus64, cfg.head_scales(), max_ulp=0)

