@@ -78,3 +78,17 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def save_png(fig, name: str, dpi: int = 120) -> Path:
+    """Writes a matplotlib figure to ``benchmarks/results/<name>.png`` atomically (tight layout)."""
+    import io
+
+    from soteria.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path = RESULTS / f"{name}.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -19,14 +19,12 @@ would have used had it stopped there); ``heads_convergence.png`` plots it.
 from __future__ import annotations
 
 import argparse
-import io
 import time
 
 import torch
 
-from benchmarks.common import RESULTS, append_csv, print_table, provenance
+from benchmarks.common import append_csv, print_table, provenance, save_png
 from soteria import heads as heads_mod
-from soteria.atomic import atomic_write_bytes
 from soteria.heads import AUTO_STEP, find_heads_multi
 from soteria.pretrained import load_pretrained
 
@@ -115,10 +113,7 @@ def _plot(curve, args) -> None:
     ax.set(xlabel="trials per task (auto rounds)", ylabel=f"top-{args.top_k} Jaccard vs 25 trials", ylim=(0, 1.02),
            title=f"{args.model}: head set vs trials ({args.n_shots} shots)")  # fmt: skip
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(RESULTS / "heads_convergence.png", buf.getvalue())
+    save_png(fig, "heads_convergence")
 
 
 if __name__ == "__main__":

