@@ -67,9 +67,14 @@ def _check_trials(n_trials: Any) -> bool:
     return False
 
 
-def _mean_scores(effects: dict, tasks: dict, lang: str) -> torch.Tensor:
-    """Mean over trials, then over tasks, of the effects gathered so far: ``[L, H]``."""
-    return torch.stack([torch.cat(effects[(lang, name)]).mean(0) for name in tasks]).mean(0)
+def _per_task(effects: dict, tasks: dict, lang: str) -> dict[str, torch.Tensor]:
+    """``{task: [L, H]}``: each task's mean over the trials gathered so far."""
+    return {name: torch.cat(effects[(lang, name)]).mean(0) for name in tasks}
+
+
+def _mean_scores(per_task: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over tasks of :func:`_per_task`: ``[L, H]``."""
+    return torch.stack(list(per_task.values())).mean(0)
 
 
 def _round(attribution, model, tokenizer, built, langs, lo, hi, method, batch_size, bar, distributed) -> dict:
@@ -497,12 +502,13 @@ def find_heads_multi(
             if not pp.corrupted:
                 raise ValueError(f"task {name!r} of {lang!r} gave no usable prompts")
 
-    if cache and any(site.weight.device.type == "meta" for site in head_sites(model)):
+    sites = head_sites(model)
+    if cache and any(site.weight.device.type == "meta" for site in sites):
         # Offloaded weights cannot be hashed, so a steered model could read unsteered scores.
         if rank == 0:
             warnings.warn("find_heads: output projections are offloaded (meta); not using the cache", stacklevel=3)
         cache = False
-    n_heads_total = len(head_sites(model)) * head_sites(model)[0].num_heads
+    n_heads_total = len(sites) * sites[0].num_heads
     k_watch = _resolve_k(stop_k, n_heads_total) if stop_k is not None else max(4, round(0.1 * n_heads_total))
     fingerprint = model_fingerprint(model)
     if world > 1:
@@ -567,7 +573,8 @@ def find_heads_multi(
             if not adaptive:
                 continue
             for lang in list(active):
-                top = set(_mean_scores(effects, built[lang], lang).flatten().topk(k_watch).indices.tolist())
+                scores = _mean_scores(_per_task(effects, built[lang], lang))
+                top = set(scores.flatten().topk(k_watch).indices.tolist())
                 if lang in previous and len(top & previous[lang]) / len(top | previous[lang]) >= AUTO_JACCARD:
                     active.remove(lang)
                     stable_at[lang] = lo + step
@@ -577,10 +584,10 @@ def find_heads_multi(
             if not active:
                 break
     for lang in todo:
-        per_task = {name: torch.cat(effects[(lang, name)]).mean(0) for name in built[lang]}
+        per_task = _per_task(effects, built[lang], lang)
         used = {name: sum(len(e) for e in effects[(lang, name)]) for name in built[lang]}
         results[lang] = HeadScores(
-            scores=torch.stack(list(per_task.values())).mean(0),
+            scores=_mean_scores(per_task),
             model_name=_model_name(model),
             lang=lang,
             method=method,

@@ -261,6 +261,11 @@ def _convert(spec: PretrainedModel, gguf_path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _converted(ready: Path, spec: PretrainedModel) -> bool:
+    """True when ``ready`` is our record of a conversion of the pinned GGUF file."""
+    return ready.is_file() and json.loads(ready.read_text()).get("sha256") == spec.sha256
+
+
 def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted checkpoint folder of ``name`` (``from_pretrained``-ready), built on first use.
 
@@ -270,11 +275,11 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     spec = _spec(name)
     out = cache_root(cache_dir) / name / "hf"
     ready = out / _READY
-    if ready.is_file() and json.loads(ready.read_text()).get("sha256") == spec.sha256:
+    if _converted(ready, spec):
         return out
     gguf_path = fetch_gguf(name, cache_dir)
     with _locked(out.parent):
-        if ready.is_file() and json.loads(ready.read_text()).get("sha256") == spec.sha256:
+        if _converted(ready, spec):  # another process finished it while we waited for the lock
             return out
         if out.exists():  # an older conversion of ours (it has our record), or not ours
             if not ready.is_file():
