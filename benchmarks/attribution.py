@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, append_csv, print_table, provenance
-from soteria.atomic import atomic_write_bytes
 from soteria.attribution import indirect_effects
+from soteria.io.atomic import atomic_write_bytes
 from soteria.probes import load_task
 from soteria.prompts import build_prompts
 from soteria.tiny import tiny_model, tiny_tokenizer

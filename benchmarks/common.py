@@ -84,7 +84,7 @@ def save_png(fig, name: str, dpi: int = 120) -> Path:
     """Writes a matplotlib figure to ``benchmarks/results/<name>.png`` atomically (tight layout)."""
     import io
 
-    from soteria.atomic import atomic_write_bytes
+    from soteria.io.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.tight_layout()

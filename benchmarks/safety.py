@@ -38,9 +38,9 @@ import torch
 
 from benchmarks.common import RESULTS, append_csv, print_table, provenance, save_png
 from soteria import SoteriaPatcher, evaluate
-from soteria.atomic import atomic_write_text
 from soteria.evaluation import EvalPrompt
 from soteria.evaluation.prompt_sets import harmless_prompts
+from soteria.io.atomic import atomic_write_text
 from soteria.pretrained import load_pretrained
 
 OPENING_WORDS = 6  # a harmful answer is shown by its first words only

@@ -176,7 +176,7 @@ def _run(method: str, base: Path, harm: Path, out: Path, heads, scale: float) ->
 def _max_abs_diff(a: Path, b: Path) -> float:
     from safetensors import safe_open
 
-    from soteria.streaming import checkpoint_shards
+    from soteria.io.checkpoint import checkpoint_shards
 
     weight_map, other = checkpoint_shards(a)[0], checkpoint_shards(b)[0]
     worst = 0.0
@@ -237,7 +237,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from soteria.atomic import atomic_write_bytes
+    from soteria.io.atomic import atomic_write_bytes
 
     x = [float(r["checkpoint_mb"]) for r in rows]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))

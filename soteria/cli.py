@@ -217,7 +217,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from soteria.atomic import atomic_directory, check_target
+    from soteria.io.atomic import atomic_directory, check_target
 
     out = Path(args.out)
     check_target(out, args.overwrite)

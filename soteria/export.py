@@ -22,7 +22,10 @@ from torch import nn
 
 from .config import SoteriaConfig
 from .defaults import DEFAULT_MAX_KL
-from .streaming import INDEX_NAME, METADATA_KEY, SINGLE_NAME, add_metadata, steer_checkpoint
+from .io.checkpoint import INDEX_NAME, SINGLE_NAME
+from .io.hub import hub_repo_id, plain_hub_error
+from .io.safetensors import add_metadata
+from .streaming import METADATA_KEY, steer_checkpoint
 from .version import __version__
 
 __all__ = [
@@ -215,11 +218,10 @@ def save_steered(
     tokenizer files, all into a temporary directory renamed to ``out_dir`` at the end.
     """
     from .arch import head_sites, unwrap_model
-    from .atomic import atomic_directory, check_target
     from .damage import damage_check
     from .gguf import dequantized
+    from .io.atomic import atomic_directory, check_target
     from .steering import SoteriaPatcher
-    from .streaming import _hub_id
 
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"save_steered needs a transformers model, got {type(model).__name__}")
@@ -237,7 +239,7 @@ def save_steered(
     n_changed = sum(sites[layer].weight.numel() // sites[layer].num_heads for layer, _ in config.head_union)
     n_total = sum(p.numel() for p in inner.parameters())
     if base_model is None:
-        base_model = _hub_id(getattr(inner.config, "name_or_path", None))
+        base_model = hub_repo_id(getattr(inner.config, "name_or_path", None))
     out = Path(os.path.abspath(out_dir))
     check_target(out, overwrite)  # before the KL measurement and the save
     dequantized(inner)  # a GGUF-loaded model holds plain weights; drop its quantization record
@@ -297,55 +299,6 @@ def _check_folder(folder: Path) -> SoteriaConfig:
     return SoteriaConfig.from_json((folder / CONFIG_NAME).read_text(encoding="utf-8"))
 
 
-def _plain_hub_error(e: Exception, action: str, repo_id: str) -> str:
-    """One sentence saying what went wrong with ``action`` on ``repo_id`` and what to do."""
-    from huggingface_hub import errors
-
-    try:
-        import httpx2 as _http
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        _http = None
-    if isinstance(e, errors.HFValidationError):
-        return f"cannot {action}: {repo_id!r} is not a valid Hub repo id ('name' or 'namespace/name'): {e}"
-    if isinstance(e, errors.LocalTokenNotFoundError):
-        return f"cannot {action}: no Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass token="
-    if isinstance(e, errors.OfflineModeIsEnabled):
-        return (
-            f"cannot {action}: the Hugging Face Hub is switched off on this machine (HF_HUB_OFFLINE=1); "
-            "unset it on a machine with network access"
-        )
-    if isinstance(e, errors.HfHubHTTPError):
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        detail = f" (server: {e.server_message.strip()})" if getattr(e, "server_message", None) else ""
-        if isinstance(e, errors.RepositoryNotFoundError) or status == 404:
-            return (
-                f"cannot {action}: repository {repo_id!r} was not found or this token cannot see it; "
-                f"check the name and the token's permissions{detail}"
-            )
-        if status == 401:
-            return (
-                f"cannot {action}: the Hub rejected the credentials (401): the token is missing, invalid or "
-                f"expired; run `hf auth login` or pass a valid token={detail}"
-            )
-        if status == 403:
-            return (
-                f"cannot {action}: permission denied (403): this token cannot write to {repo_id!r}; use a token "
-                f"with write access to that namespace{detail}"
-            )
-        if status == 429:
-            return f"cannot {action}: the Hub is rate-limiting these requests (429); wait and retry{detail}"
-        if status is not None and status >= 500:
-            return f"cannot {action}: the Hub had a server error ({status}); retry later{detail}"
-        return f"cannot {action}: the Hub answered {status}{detail}: {e}"
-    network = (ConnectionError, TimeoutError) + ((_http.TransportError,) if _http else ())
-    if isinstance(e, network):
-        return (
-            f"cannot {action}: could not reach the Hugging Face Hub ({type(e).__name__}: {e}); "
-            "check the network or proxy"
-        )
-    return f"cannot {action}: {type(e).__name__}: {e}"
-
-
 def push_to_hub(
     out_dir: str | os.PathLike,
     repo_id: str,
@@ -373,7 +326,7 @@ def push_to_hub(
     try:
         url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     except Exception as e:
-        raise SoteriaHubError(_plain_hub_error(e, f"create the repository {repo_id!r}", repo_id)) from e
+        raise SoteriaHubError(plain_hub_error(e, f"create the repository {repo_id!r}", repo_id)) from e
     target = getattr(url, "repo_id", None) or repo_id
     try:
         return api.upload_folder(
@@ -384,4 +337,4 @@ def push_to_hub(
             repo_type="model",
         )
     except Exception as e:
-        raise SoteriaHubError(_plain_hub_error(e, f"upload {folder} to {target!r}", target)) from e
+        raise SoteriaHubError(plain_hub_error(e, f"upload {folder} to {target!r}", target)) from e

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .io.checkpoint import INDEX_NAME, SINGLE_NAME, checkpoint_shards, find_key, key_candidates, read_weight_map
+from .io.hub import looks_like_repo_id
+from .io.safetensors import FLOAT_DTYPES, SafetensorsFile, check_finite, read_safetensors, read_tensor, save_tensors
 from .model_state import frozen_eval
 from .progress import progress_bar
 from .version import __version__
@@ -41,14 +43,6 @@ __all__ = ["FORMAT", "KINDS", "HarmVector", "refusal_loss"]
 FORMAT = "soteria.harm"
 _FORMAT_VERSION = "1"
 KINDS = ("harmful", "tau")
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
 # Config fields compared between a harmful checkpoint and the base (whichever both have).
 _ARCH_FIELDS = (
     "num_hidden_layers",
@@ -63,29 +57,13 @@ _ARCH_FIELDS = (
     "head_dim",
 )
 
-try:  # module-level so tests can wrap them
+try:  # module-level so tests can wrap it
     from huggingface_hub import hf_hub_download
-    from safetensors import safe_open
 except ImportError:  # pragma: no cover
-    hf_hub_download = safe_open = None
+    hf_hub_download = None
 
 
-# --------------------------------------------------------------------------- safetensors I/O
-
-
-def _read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a safetensors file (names, dtypes, shapes, ``__metadata__``); reads no tensor data."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            return json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+# --------------------------------------------------------------------------- lazy checkpoint tensors
 
 
 class _LazyTensors:
@@ -95,18 +73,18 @@ class _LazyTensors:
     Every read is recorded in ``tensors_read`` (keys) and ``bytes_read``.
     """
 
-    def __init__(self, locations: Mapping[int, tuple[str, str]], headers: Mapping[str, dict] | None = None):
+    def __init__(self, locations: Mapping[int, tuple[str, str]], files: Mapping[str, SafetensorsFile] | None = None):
         self.locations = dict(locations)
-        headers = dict(headers or {})
+        self.files = dict(files or {})
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.dtypes: dict[int, torch.dtype] = {}
         for layer, (file, key) in self.locations.items():
-            if file not in headers:
-                headers[file] = _read_header(file)
-            info = headers[file].get(key)
+            if file not in self.files:
+                self.files[file] = read_safetensors(file)
+            info = self.files[file].header.get(key)
             if info is None:
                 raise ValueError(f"{file} has no tensor {key!r}")
-            dtype = _ST_DTYPES.get(info["dtype"])
+            dtype = FLOAT_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise ValueError(f"tensor {key!r} in {file} has dtype {info['dtype']}, not a float type")
             self.shapes[layer] = tuple(int(s) for s in info["shape"])
@@ -119,28 +97,10 @@ class _LazyTensors:
 
     def get(self, layer: int) -> torch.Tensor:
         file, key = self.locations[layer]
-        with safe_open(file, framework="pt") as f:
-            t = f.get_tensor(key)
+        t = read_tensor(self.files[file], key)
         self.tensors_read.append(key)
         self.bytes_read += t.numel() * t.element_size()
-        _check_finite(t, f"tensor {key!r} in {file}")
         return t
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{what} holds {int(bad.sum())} NaN/Inf values (first at index {idx}: {t[idx].item()})")
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    from .atomic import atomic_file
-
-    with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -160,17 +120,6 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def _model_type(model: nn.Module) -> str:
     return str(getattr(getattr(_inner(model), "config", None), "model_type", "") or "")
-
-
-def _key_candidates(name: str, prefix: str) -> list[str]:
-    """Checkpoint keys that may hold parameter ``name`` (with or without the base-model prefix)."""
-    out = [name]
-    if prefix:
-        if name.startswith(prefix + "."):
-            out.append(name[len(prefix) + 1 :])
-        else:
-            out.append(f"{prefix}.{name}")
-    return out
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -248,7 +197,7 @@ class HarmVector:
                     raise ValueError(f"layers must be ints >= 0, got {layer!r}")
                 if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
                     raise ValueError(f"tensor of layer {layer} must be a 2-D float tensor, got {_describe(t)}")
-                _check_finite(t, f"tensor of layer {layer}")
+                check_finite(t, f"tensor of layer {layer}")
                 self._tensors[layer] = t.detach()
             layers = list(self._tensors)
             shapes = {layer: tuple(t.shape) for layer, t in self._tensors.items()}
@@ -456,42 +405,27 @@ class HarmVector:
         src = str(path_or_repo_id)
         local = Path(src)
         if local.is_file():
-            header = _read_header(local)
-            if (header.get("__metadata__") or {}).get("format") == FORMAT:
+            sf = read_safetensors(local)
+            if sf.metadata.get("format") == FORMAT:
                 hv = cls.load(local)
                 hv.check(base)
                 return hv
             config_path = local.parent / "config.json"
+            available = {k for k, _ in sf.tensors()}
             files_for = lambda keys: {k: str(local) for k in keys}  # noqa: E731
-            available = {k for k in header if k != "__metadata__"}
-            headers = {str(local): header}
+            files = {str(local): sf}
         elif local.is_dir():
             config_path = local / "config.json"
-            available, files_for, headers = cls._local_layout(local)
+            weight_map, shards = checkpoint_shards(local)
+            available = set(weight_map)
+            files_for = lambda keys: {k: str(local / weight_map[k]) for k in keys}  # noqa: E731
+            files = {str(local / name): sf for name, sf in shards.items()}
         else:
-            if not _looks_like_repo_id(src):
+            if not looks_like_repo_id(src):
                 raise ValueError(f"{src!r} is neither an existing file or directory nor a Hub repo id")
             return cls._from_hub(src, base, sites, prefix, revision, token, cache_dir, local_files_only)
         ckpt_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        return cls._from_checkpoint(src, base, sites, prefix, ckpt_config, available, files_for, headers)
-
-    @staticmethod
-    def _local_layout(folder: Path):
-        index = folder / _INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-            if not weight_map:
-                raise ValueError(f"{index} has no weight_map")
-            return set(weight_map), lambda keys: {k: str(folder / weight_map[k]) for k in keys}, {}
-        single = folder / _SINGLE
-        if single.is_file():
-            header = _read_header(single)
-            return (
-                {k for k in header if k != "__metadata__"},
-                lambda keys: {k: str(single) for k in keys},
-                {str(single): header},
-            )
-        raise FileNotFoundError(_no_weights_message(folder, sorted(p.name for p in folder.iterdir())))
+        return cls._from_checkpoint(src, base, sites, prefix, ckpt_config, available, files_for, files)
 
     @classmethod
     def _from_hub(cls, repo_id, base, sites, prefix, revision, token, cache_dir, local_files_only):
@@ -512,16 +446,16 @@ class HarmVector:
         except EntryNotFoundError:
             ckpt_config = {}
         try:
-            weight_map = json.loads(Path(get(_INDEX)).read_text(encoding="utf-8")).get("weight_map") or {}
+            weight_map = read_weight_map(Path(get(INDEX_NAME)))
             available = set(weight_map)
 
             def files_for(keys):
                 return {k: get(weight_map[k]) for k in keys}
 
-            headers: dict[str, dict] = {}
+            files: dict[str, SafetensorsFile] = {}
         except EntryNotFoundError:
             try:
-                single = get(_SINGLE)
+                single = get(SINGLE_NAME)
             except EntryNotFoundError as e:
                 why = (
                     "neither is in the local cache (offline or local_files_only)"
@@ -529,32 +463,32 @@ class HarmVector:
                     else "only safetensors checkpoints are read; PEFT adapters must be merged into the base "
                     "and saved first"
                 )
-                raise FileNotFoundError(f"Hub repo {repo_id!r}: no {_INDEX} and no {_SINGLE}; {why}") from None
-            header = _read_header(single)
-            available = {k for k in header if k != "__metadata__"}
+                raise FileNotFoundError(f"Hub repo {repo_id!r}: no {INDEX_NAME} and no {SINGLE_NAME}; {why}") from None
+            sf = read_safetensors(single)
+            available = {k for k, _ in sf.tensors()}
 
             def files_for(keys):
                 return {k: single for k in keys}
 
-            headers = {single: header}
+            files = {single: sf}
         source = repo_id if revision is None else f"{repo_id}@{revision}"
-        return cls._from_checkpoint(source, base, sites, prefix, ckpt_config, available, files_for, headers)
+        return cls._from_checkpoint(source, base, sites, prefix, ckpt_config, available, files_for, files)
 
     @classmethod
-    def _from_checkpoint(cls, source, base, sites, prefix, ckpt_config, available, files_for, headers):
+    def _from_checkpoint(cls, source, base, sites, prefix, ckpt_config, available, files_for, parsed):
         problems = _compare_configs(ckpt_config, _config_dict(base))
         keys: dict[int, str] = {}
         for s in sites:
-            cands = _key_candidates(s.param_name, prefix)
-            hit = next((k for k in cands if k in available), None)
+            hit = find_key(s.param_name, s.layer, prefix, available)
             if hit is None:
+                cands = key_candidates(s.param_name, prefix)
                 problems.append(f"layer {s.layer}: no tensor {' or '.join(repr(c) for c in cands)} in the checkpoint")
             else:
                 keys[s.layer] = hit
         if problems:
             raise _mismatch(f"harmful checkpoint {source!r}", problems)
         files = files_for(sorted(set(keys.values())))  # downloads only the shards that hold them
-        lazy = _LazyTensors({layer: (files[k], k) for layer, k in keys.items()}, headers)
+        lazy = _LazyTensors({layer: (files[k], k) for layer, k in keys.items()}, parsed)
         for s in sites:
             shape = lazy.shapes[s.layer]
             if shape != tuple(s.weight.shape):
@@ -701,7 +635,7 @@ class HarmVector:
             "param_names": json.dumps({str(k): v for k, v in self.param_names.items()}, sort_keys=True),
             "soteria_version": __version__,
         }
-        _atomic_save(tensors, path, metadata)
+        save_tensors(tensors, path, metadata)
         return path
 
     @classmethod
@@ -710,8 +644,8 @@ class HarmVector:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no harm vector file at {path}")
-        header = _read_header(path)
-        meta = header.get("__metadata__") or {}
+        sf = read_safetensors(path)
+        meta = sf.metadata
         if meta.get("format") != FORMAT:
             raise ValueError(
                 f"{path} is not a soteria harm vector (metadata format = {meta.get('format')!r}); "
@@ -721,7 +655,7 @@ class HarmVector:
             names = {int(k): v for k, v in json.loads(meta["param_names"]).items()}
         except (KeyError, ValueError, json.JSONDecodeError):
             raise ValueError(f"{path}: metadata param_names is missing or unreadable") from None
-        lazy = _LazyTensors({layer: (str(path), key) for layer, key in names.items()}, {str(path): header})
+        lazy = _LazyTensors({layer: (str(path), key) for layer, key in names.items()}, {str(path): sf})
         return cls(
             lazy,
             kind=meta.get("kind", "tau"),
@@ -825,21 +759,6 @@ def _describe(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"{t.dtype} tensor of shape {list(t.shape)}"
     return type(t).__name__
-
-
-def _looks_like_repo_id(s: str) -> bool:
-    parts = s.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
-
-
-def _no_weights_message(folder: Path, names: list[str]) -> str:
-    if "adapter_config.json" in names:
-        hint = "it holds a PEFT adapter: merge it into the base (merge_and_unload()) and save_pretrained the result"
-    elif any(n.endswith(".bin") for n in names):
-        hint = "only safetensors checkpoints are read: re-save it with save_pretrained (safetensors is the default)"
-    else:
-        hint = f"files found: {', '.join(names) or 'none'}"
-    return f"{folder} has neither {_INDEX} nor {_SINGLE}; {hint}"
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -225,7 +225,7 @@ class HeadScores:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON (sorted keys) atomically; returns the path."""
-        from .atomic import atomic_write_text
+        from .io.atomic import atomic_write_text
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ class HeadScores:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from .atomic import atomic_write_bytes
+        from .io.atomic import atomic_write_bytes
 
         path = Path(path)
         L, H = self.shape

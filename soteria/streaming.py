@@ -15,17 +15,15 @@ Llama-70B o_proj is 8192 x 8192 bf16 = 128 MiB, so a 70B checkpoint is steered i
 Output: the tensors are bit-identical to loading the model, applying the same edit in memory
 and saving it with :func:`soteria.save_steered`; when the base checkpoint was itself written by
 ``save_pretrained`` with the same ``max_shard_size``, whole shard files are byte-identical too.
-The output directory appears atomically (:func:`soteria.atomic.atomic_directory`); the source
+The output directory appears atomically (:func:`soteria.io.atomic.atomic_directory`); the source
 is opened read-only and never modified.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
-import struct
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,268 +32,17 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "INDEX_NAME",
-    "METADATA_KEY",
-    "SafetensorsFile",
-    "add_metadata",
-    "checkpoint_shards",
-    "encode_header",
-    "read_safetensors",
-    "steer_checkpoint",
-    "write_safetensors",
-]
+from .io.checkpoint import OTHER_WEIGHTS, checkpoint_shards, find_key
+from .io.hub import hub_repo_id
+from .io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safetensors
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+__all__ = ["METADATA_KEY", "steer_checkpoint"]
+
 #: Key of the JSON-encoded :class:`soteria.SoteriaConfig` in each shard's ``__metadata__``.
 METADATA_KEY = "soteria_config"
-
-_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-_EDITABLE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # the kernels' dtypes
 #: Bytes of fp32 kernel temporaries per block: the edit runs over blocks of the non-head axis.
 _CHUNK_BYTES = 4 << 20
-_COPY_CHUNK = 8 << 20
-# Weights in other formats would ship the unsteered model next to the steered one: not carried over.
-_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".tflite", ".ot", ".npz")
 _SKIP_DIRS = {".git", ".cache"}
-
-
-# --------------------------------------------------------------------------- safetensors files
-
-
-@dataclass
-class SafetensorsFile:
-    """A parsed safetensors file: ``header`` (JSON, file order, ``__metadata__`` included) and
-    ``data_start`` (byte offset of the data section, ``8 + header length``)."""
-
-    path: Path
-    header: dict[str, Any]
-    data_start: int
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self.header.get("__metadata__") or {})
-
-    def tensors(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(name, {"dtype", "shape", "data_offsets"})`` in data order."""
-        items = [(k, v) for k, v in self.header.items() if k != "__metadata__"]
-        return sorted(items, key=lambda kv: kv[1]["data_offsets"][0])
-
-    def numel(self) -> int:
-        return sum(_numel(info["shape"]) for _, info in self.tensors())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
-    """Parse and validate a safetensors header (no tensor data is read). ValueError names the defect."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000 or 8 + n > size:
-            raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
-    meta = header.get("__metadata__")
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ValueError(f"{path}: __metadata__ must map str to str")
-    sf = SafetensorsFile(path, header, 8 + n)
-    end = 0
-    for name, info in sf.tensors():
-        try:
-            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if dtype not in _ITEMSIZE:
-            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if a != end or b - a != _numel(shape) * _ITEMSIZE[dtype]:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[a, b]} inconsistent with its layout")
-        end = b
-    if sf.data_start + end != size:
-        raise ValueError(f"{path}: data section is {size - sf.data_start} bytes, the header describes {end}")
-    return sf
-
-
-def encode_header(header: Mapping[str, Any]) -> bytes:
-    """8-byte little-endian length + compact JSON (``__metadata__`` first), space-padded to 8 bytes,
-    as the safetensors library writes it."""
-    ordered = {}
-    if "__metadata__" in header:
-        ordered["__metadata__"] = header["__metadata__"]
-    ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
-    raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel where possible)."""
-    fast = hasattr(os, "copy_file_range")
-    while count > 0:
-        if fast:
-            try:
-                n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
-            except OSError as e:
-                if e.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                    raise
-                fast = False
-                continue
-        else:
-            chunk = os.pread(src, min(count, _COPY_CHUNK), offset)
-            _write_all(dst, chunk)
-            n = len(chunk)
-        if n == 0:
-            raise OSError(f"unexpected end of file while copying ({count} bytes left)")
-        offset += n
-        count -= n
-
-
-def _read_bytes(fd: int, offset: int, n: int) -> torch.Tensor:
-    buf = torch.empty(n, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    got = 0
-    while got < n:
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k == 0:
-            raise OSError(f"unexpected end of file reading {n} bytes at {offset}")
-        got += k
-    return buf
-
-
-def write_safetensors(
-    src: SafetensorsFile,
-    dst: str | os.PathLike,
-    *,
-    metadata: Mapping[str, str] | None = None,
-    edits: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
-) -> None:
-    """Write ``src`` to the new file ``dst`` with its header kept (tensor order and offsets) and
-    ``metadata`` as ``__metadata__`` (None: unchanged).
-
-    Tensors named in ``edits`` are read one at a time (as ``[shape]`` tensors of their dtype,
-    which must be F32/F16/BF16), passed to their callable, which edits them in place, and
-    written; all other bytes are copied through unchanged. ``dst`` must not exist; fsynced.
-    """
-    edits = dict(edits or {})
-    header = dict(src.header)
-    if metadata is not None:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    missing = sorted(set(edits) - set(header))
-    if missing:
-        raise ValueError(f"{src.path} has no tensors {missing}")
-    fin = os.open(src.path, os.O_RDONLY)
-    try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            _write_all(fout, encode_header(header))
-            pending: list[int] | None = None  # [start, end) of untouched bytes not yet copied
-            for name, info in src.tensors():
-                a, b = info["data_offsets"]
-                if name not in edits:
-                    pending = [pending[0], b] if pending else [a, b]
-                    continue
-                if pending:
-                    _copy_range(fin, fout, src.data_start + pending[0], pending[1] - pending[0])
-                    pending = None
-                if info["dtype"] not in _EDITABLE:
-                    raise ValueError(f"{src.path}: tensor {name!r} is {info['dtype']}; only F32/F16/BF16 can be edited")
-                buf = _read_bytes(fin, src.data_start + a, b - a)
-                edits[name](buf.view(_EDITABLE[info["dtype"]]).view([int(s) for s in info["shape"]]))
-                _write_all(fout, buf.numpy())
-                del buf
-            if pending:
-                _copy_range(fin, fout, src.data_start + pending[0], pending[1] - pending[0])
-            os.fsync(fout)
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
-
-
-def add_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
-    """Add ``metadata`` entries to the ``__metadata__`` of safetensors file ``path``: rewrites the
-    file through a temporary sibling (the data bytes are copied, not re-encoded) and replaces it."""
-    from .atomic import atomic_file
-
-    src = read_safetensors(path)
-    with atomic_file(path) as tmp:
-        write_safetensors(src, tmp, metadata={**src.metadata, **metadata})
-
-
-# --------------------------------------------------------------------------- checkpoint layout
-
-
-def checkpoint_shards(folder: Path) -> tuple[dict[str, str], dict[str, SafetensorsFile]]:
-    """``(weight_map, {file name: parsed file})`` of a safetensors checkpoint directory."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{index} is unreadable or has no weight_map") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has an empty or malformed weight_map")
-    elif (folder / SINGLE_NAME).is_file():
-        weight_map = None
-    else:
-        names = sorted(p.name for p in folder.iterdir())
-        hint = (
-            "only safetensors checkpoints can be steered on disk: re-save it with save_pretrained"
-            if any(n.endswith(_OTHER_WEIGHTS) for n in names)
-            else f"files found: {', '.join(names) or 'none'}"
-        )
-        raise FileNotFoundError(f"{folder} has neither {INDEX_NAME} nor {SINGLE_NAME}; {hint}")
-    files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
-    shards = {}
-    for name in files:
-        p = folder / name
-        if not p.is_file():
-            raise FileNotFoundError(f"{folder}: the index lists shard {name!r}, which is missing")
-        shards[name] = read_safetensors(p)
-    if weight_map is None:
-        weight_map = {k: SINGLE_NAME for k, _ in shards[SINGLE_NAME].tensors()}
-    for key, name in weight_map.items():
-        if key not in shards[name].header:
-            raise ValueError(f"{folder}: the index puts {key!r} in {name}, which does not hold it")
-    return weight_map, shards
-
-
-def _find_key(param_name: str, layers_tail: str, prefix: str, available: Mapping[str, str]) -> str | None:
-    """Checkpoint key of a model parameter: exact, with/without the base-model prefix, or the one
-    key ending in ``.{layers_tail}`` (e.g. ``layers.3.self_attn.o_proj.weight``)."""
-    cands = [param_name]
-    if prefix:
-        cands.append(param_name[len(prefix) + 1 :] if param_name.startswith(prefix + ".") else f"{prefix}.{param_name}")
-    for c in cands:
-        if c in available:
-            return c
-    hits = [k for k in available if k == layers_tail or k.endswith("." + layers_tail)]
-    return hits[0] if len(hits) == 1 else None
 
 
 def _meta_model(folder: Path, trust_remote_code: bool):
@@ -415,7 +162,7 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
                 f"layer {layer}: {site.param_name} is shared with {shared[1:]}; editing it would change both"
             )
             continue
-        key = _find_key(site.param_name, _layers_tail(site.param_name, layer), prefix, weight_map)
+        key = find_key(site.param_name, layer, prefix, weight_map)
         if key is None:
             problems.append(f"layer {layer}: no checkpoint tensor for {site.param_name}")
             continue
@@ -423,7 +170,7 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
         shape = tuple(int(s) for s in info["shape"])
         if shape != tuple(site.weight.shape):
             problems.append(f"layer {layer}: {key} has shape {list(shape)}, config implies {list(site.weight.shape)}")
-        elif info["dtype"] not in _EDITABLE:
+        elif info["dtype"] not in EDITABLE:
             problems.append(f"layer {layer}: {key} is stored as {info['dtype']}; only F32/F16/BF16 can be steered")
         edits.setdefault(weight_map[key], {})[key] = layer
         other = site.weight.shape[0 if site.head_axis % 2 == 1 else 1]
@@ -453,15 +200,6 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
         n_changed=n_changed,
         n_total=sum(sf.numel() for sf in shards.values()),
     )
-
-
-def _layers_tail(param_name: str, layer: int) -> str:
-    """``"layers.3.self_attn.o_proj.weight"`` from ``"model.layers.3.self_attn.o_proj.weight"``."""
-    parts = param_name.split(".")
-    for i in range(1, len(parts)):
-        if parts[i] == str(layer):
-            return ".".join(parts[i - 1 :])
-    return param_name
 
 
 def steer_checkpoint(
@@ -504,7 +242,7 @@ def steer_checkpoint(
     checked before anything is written; NaN/Inf in a harmful tensor is found when it is read
     and aborts the run. No output appears unless the whole run succeeds.
     """
-    from .atomic import atomic_directory
+    from .io.atomic import atomic_directory
     from .progress import progress_bar
 
     device = torch.device(device)
@@ -548,34 +286,13 @@ def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Te
 
 def _harm_tensor(harm, layer: int) -> torch.Tensor:
     """``harm.tensor(layer)``; for a vector read lazily from safetensors, the bytes are read here
-    straight into one tensor and checked for NaN/Inf in blocks, so reading costs one tensor of
-    memory (safetensors' reader and a whole-tensor isfinite would take about three)."""
+    straight into one tensor (:func:`soteria.io.safetensors.read_tensor`), so reading costs one
+    tensor of memory (safetensors' reader and a whole-tensor isfinite would take about three)."""
     where = harm.location(layer)
     if where is None:
         return harm.tensor(layer)
-    file, key = where
-    sf = read_safetensors(file)
-    info = sf.header[key]
-    dtype = {**_EDITABLE, "F64": torch.float64}.get(info["dtype"])
-    if dtype is None:
-        raise ValueError(f"tensor {key!r} in {file} has dtype {info['dtype']}, not a float type")
-    a, b = info["data_offsets"]
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        t = _read_bytes(fd, sf.data_start + a, b - a).view(dtype).view([int(v) for v in info["shape"]])
-    finally:
-        os.close(fd)
-    rows = max(1, (1 << 20) // max(1, t[0].numel()))
-    for r in range(0, t.shape[0], rows):
-        block = t[r : r + rows]
-        if not bool(torch.isfinite(block).all()):
-            bad = ~torch.isfinite(block)
-            first = tuple(int(i) for i in bad.nonzero()[0])
-            first = (first[0] + r, *first[1:])
-            raise ValueError(
-                f"tensor {key!r} in {file} holds NaN/Inf values (first at index {first}: {t[first].item()})"
-            )
-    harm.record_read(layer, b - a)
+    t = read_tensor(*where)
+    harm.record_read(layer, t.numel() * t.element_size())
     return t
 
 
@@ -590,7 +307,7 @@ def _carry_files(base: Path, tmp: Path, shard_names: set[str], skipped: list[str
             rel = (rel_dir / fname).as_posix()
             if rel in shard_names or rel in ("config.json", "README.md"):
                 continue
-            if fname.endswith(_OTHER_WEIGHTS) or fname.endswith(".safetensors"):
+            if fname.endswith(OTHER_WEIGHTS) or fname.endswith(".safetensors"):
                 skipped.append(rel)
                 continue
             dst = tmp / rel
@@ -606,7 +323,7 @@ def _write_records(plan: _Plan, tmp: Path, base_model: str | None, repo_id: str 
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_soteria_config(tmp, plan.record)
     if base_model is None:
-        base_model = _hub_id(config_json.get("_name_or_path"))
+        base_model = hub_repo_id(config_json.get("_name_or_path"))
     card = model_card(
         plan.record,
         base_model=base_model,
@@ -616,12 +333,3 @@ def _write_records(plan: _Plan, tmp: Path, base_model: str | None, repo_id: str 
         how="by streaming the checkpoint (soteria.steer_checkpoint)",
     )
     (tmp / "README.md").write_text(card, encoding="utf-8")
-
-
-def _hub_id(name: Any) -> str | None:
-    """``name`` if it looks like a Hub repo id (``org/model``) and is not a local path."""
-    if not isinstance(name, str) or not name or os.path.exists(name):
-        return None
-    parts = name.split("/")
-    ok = len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
-    return name if ok else None

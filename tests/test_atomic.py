@@ -1,11 +1,11 @@
-"""soteria.atomic: a reader sees the old state or the complete new one, never a half-written one."""
+"""soteria.io.atomic: a reader sees the old state or the complete new one, never a half-written one."""
 
 from __future__ import annotations
 
 import pytest
 
-import soteria.atomic as atomic
-from soteria.atomic import atomic_directory, atomic_file, atomic_write_text
+import soteria.io.atomic as atomic
+from soteria.io.atomic import atomic_directory, atomic_file, atomic_write_text
 
 
 def _names(folder):

@@ -32,35 +32,21 @@ def _o_proj(model):
 
 
 class _Recorder:
-    """Wraps safetensors.safe_open: records every file opened and every tensor read."""
+    """Wraps soteria.io.safetensors.read_tensor: records every file and tensor read."""
 
     def __init__(self, real):
         self.real, self.files, self.tensors = real, [], []
 
-    def __call__(self, path, *a, **kw):
-        rec = self
-        self.files.append(Path(path).name)
-        handle = self.real(path, *a, **kw)
-
-        class _Handle:
-            def __enter__(self):
-                self.f = handle.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return handle.__exit__(*exc)
-
-            def get_tensor(self, key):
-                rec.tensors.append(key)
-                return self.f.get_tensor(key)
-
-        return _Handle()
+    def __call__(self, sf, name):
+        self.files.append(Path(getattr(sf, "path", sf)).name)
+        self.tensors.append(name)
+        return self.real(sf, name)
 
 
 @pytest.fixture
 def recorder(monkeypatch):
-    rec = _Recorder(harm_mod.safe_open)
-    monkeypatch.setattr(harm_mod, "safe_open", rec)
+    rec = _Recorder(harm_mod.read_tensor)
+    monkeypatch.setattr(harm_mod, "read_tensor", rec)
     return rec
 
 

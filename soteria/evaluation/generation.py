@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_text
+from ..io.atomic import atomic_write_text
 from ..prompts import encode_batch
 from .prompt_sets import EvalPrompt
 from .prompt_sets import instruction as builtin_instruction

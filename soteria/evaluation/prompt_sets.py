@@ -44,6 +44,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..io.hub import looks_like_repo_id
+
 __all__ = [
     "HUB_PRESETS",
     "PAPER_ORDER",
@@ -432,10 +434,6 @@ def load_hub(
 # Entry point
 
 
-def _looks_like_repo(s: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s))
-
-
 def load_prompts(
     source: Any = None,
     *,
@@ -472,7 +470,7 @@ def load_prompts(
             if not path.is_file():
                 raise ValueError(f"prompt source {text!r} is a directory; pass a .csv, .json or .jsonl file")
             prompts = rows_to_prompts(_read_rows(path), where=str(path), source=path.name, **cols)
-        elif text.lower() in HUB_PRESETS or text.startswith("hub:") or _looks_like_repo(text):
+        elif text.lower() in HUB_PRESETS or text.startswith("hub:") or looks_like_repo_id(text, namespaced=True):
             repo = text[4:] if text.startswith("hub:") else text
             prompts = load_hub(repo, config=config, split=split, revision=revision, **cols)
         else:

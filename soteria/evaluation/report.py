@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes, atomic_write_text
+from ..io.atomic import atomic_write_bytes, atomic_write_text
 from .judges import HARMFUL, SAFE, UNPARSED
 
 __all__ = ["ASR_FORMULA", "Counts", "EvalReport", "LangResult"]

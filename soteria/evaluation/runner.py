@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..atomic import atomic_write_text
+from ..io.atomic import atomic_write_text
 from .generation import GenerationStore, format_inputs, generate_responses, model_id
 from .judges import Judge, make_judge
 from .prompt_sets import (

@@ -1,0 +1,86 @@
+"""soteria.io: the safetensors layer, checkpoint folders and Hub ids."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from soteria.io.checkpoint import checkpoint_shards, find_key, key_candidates
+from soteria.io.hub import hub_repo_id, looks_like_repo_id
+from soteria.io.safetensors import add_metadata, encode_header, read_safetensors, read_tensor, save_tensors
+
+
+def test_header_roundtrip_and_corrupt_files(tmp_path):
+    t = {"b": torch.randn(3, 5), "a": torch.randn(4).to(torch.bfloat16), "c": torch.arange(3)}
+    save_file(t, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    sf = read_safetensors(tmp_path / "x.safetensors")
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    assert encode_header(sf.header) == raw[: sf.data_start]  # same bytes as the library writes
+    add_metadata(tmp_path / "x.safetensors", {"soteria_config": '{"é": 1}'})
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "soteria_config": '{"é": 1}'}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in t.items())
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="shorter than 8 bytes"):
+        read_safetensors(tmp_path / "short.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-4])
+    with pytest.raises(ValueError, match="data section"):
+        read_safetensors(tmp_path / "cut.safetensors")
+    bad = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(bad)) + bad + b"\0" * 4)
+    with pytest.raises(ValueError, match="inconsistent"):
+        read_safetensors(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_read_tensor_equals_the_library_and_finds_nan(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    t = {"w": torch.randn(7, 13, generator=g).to(dtype), "i": torch.arange(5), "v": torch.randn(3, generator=g)}
+    path = save_tensors(t, tmp_path / "t.safetensors", {"k": "v"})
+    assert read_safetensors(path).metadata == {"k": "v"}
+    assert torch.equal(read_tensor(path, "w"), t["w"]) and read_tensor(path, "w").dtype == dtype
+    with pytest.raises(ValueError, match="not a float type"):
+        read_tensor(path, "i")
+    with pytest.raises(ValueError, match="has no tensor 'x'"):
+        read_tensor(path, "x")
+    bad = t["w"].clone()
+    bad[4, 2] = float("nan")
+    save_tensors({"w": bad}, tmp_path / "nan.safetensors", {})
+    with pytest.raises(ValueError, match=r"1 NaN/Inf values \(first at index \(4, 2\)"):
+        read_tensor(tmp_path / "nan.safetensors", "w")
+
+
+def test_checkpoint_shards_and_keys(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="PEFT adapter"):
+        checkpoint_shards(tmp_path / "adapter")
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    save_file({"model.layers.0.o.weight": torch.zeros(2, 2)}, folder / "a.safetensors")
+    save_file({"model.layers.1.o.weight": torch.ones(2, 2)}, folder / "b.safetensors")
+    wm = {"model.layers.0.o.weight": "a.safetensors", "model.layers.1.o.weight": "b.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    weight_map, shards = checkpoint_shards(folder)
+    assert weight_map == wm and set(shards) == {"a.safetensors", "b.safetensors"}
+    assert set(checkpoint_shards(folder, only=["model.layers.1.o.weight"])[1]) == {"b.safetensors"}
+    assert key_candidates("model.layers.1.o.weight", "model") == ["model.layers.1.o.weight", "layers.1.o.weight"]
+    assert find_key("layers.1.o.weight", 1, "model", weight_map) == "model.layers.1.o.weight"
+    assert find_key("base.model.layers.0.o.weight", 0, "", weight_map) == "model.layers.0.o.weight"
+    assert find_key("model.layers.2.o.weight", 2, "model", weight_map) is None
+
+
+def test_repo_ids(tmp_path):
+    assert looks_like_repo_id("gpt2") and looks_like_repo_id("org/model-1.5B")
+    assert not looks_like_repo_id("gpt2", namespaced=True)
+    for bad in ("/abs/path", "a/b/c", "../x", "has space/x", "", None, ".hidden/x"):
+        assert not looks_like_repo_id(bad), bad
+    assert hub_repo_id("org/model") == "org/model"
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "model").mkdir()
+    assert hub_repo_id(str(tmp_path / "org" / "model")) is None
