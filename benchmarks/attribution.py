@@ -27,9 +27,9 @@ import torch
 from benchmarks.common import RESULTS, append_csv, print_table, provenance
 from soteria.attribution import indirect_effects
 from soteria.io.atomic import atomic_write_bytes
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 from soteria.probes import load_task
 from soteria.prompts import build_prompts
-from soteria.tiny import tiny_model, tiny_tokenizer
 
 # (family, layers, heads, head_dim). Families: llama (GQA, RMSNorm, RoPE), gpt2 (Conv1D,
 # LayerNorm, absolute positions), qwen2 (GQA with q/k/v biases), gemma (MQA, D = 16).

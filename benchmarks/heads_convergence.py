@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import append_csv, print_table, provenance, save_png
 from soteria import heads as heads_mod
 from soteria.heads import AUTO_STEP, find_heads_multi
-from soteria.pretrained import load_pretrained
+from soteria.models.pretrained import load_pretrained
 
 
 def _jaccard(a, b) -> float:

@@ -6,7 +6,7 @@
 
 What it runs (one process, CPU threads as set by torch, greedy decoding, the chat template):
 
-1. the real model from :mod:`soteria.pretrained` (fetched once through pip);
+1. the real model from :mod:`soteria.models.pretrained` (fetched once through pip);
 2. ``SoteriaPatcher.apply(model, langs, tokenizer=tok)`` with soteria's **defaults**: heads by
    attribution patching with ``n_trials="auto"``, the gradient harm direction from the built-in
    refusal data of the steered languages, the default head count and calibrated scale;
@@ -41,7 +41,7 @@ from soteria import SoteriaPatcher, evaluate
 from soteria.evaluation import EvalPrompt
 from soteria.evaluation.prompt_sets import harmless_prompts
 from soteria.io.atomic import atomic_write_text
-from soteria.pretrained import load_pretrained
+from soteria.models.pretrained import load_pretrained
 
 OPENING_WORDS = 6  # a harmful answer is shown by its first words only
 OPENING_CHARS = 48  # and never by more than this many characters

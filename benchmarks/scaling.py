@@ -64,7 +64,7 @@ def _work(name: str):
 def worker(out: Path, workload: str, repeat: int, threads: int) -> None:
     from soteria import distributed
     from soteria.heads import find_heads_multi
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     distributed.init_from_env()
     torch.set_num_threads(threads)

@@ -51,7 +51,7 @@ SCALE = 0.7
 
 
 def _config(hidden: int, layers: int):
-    from soteria.tiny import tiny_config
+    from soteria.models.tiny import tiny_config
 
     return tiny_config(
         "llama",

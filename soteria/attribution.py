@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model_state import frozen_eval
+from .models.state import frozen_eval, input_device
 
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "indirect_effects", "mean_activations"]
 
@@ -225,32 +225,6 @@ def _projection_input(args: tuple, kwargs: dict, site, batch: int) -> torch.Tens
     return z
 
 
-def _hook_device(module: nn.Module) -> torch.device | None:
-    """The execution device of an accelerate hook on ``module``, if any."""
-    hook = getattr(module, "_hf_hook", None)
-    for h in [hook, *getattr(hook, "hooks", ())]:
-        dev = getattr(h, "execution_device", None)
-        if dev is not None:
-            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
-    return None
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device (its accelerate execution device when offloaded)."""
-    emb = model.get_input_embeddings()
-    w = getattr(emb, "weight", None)
-    if w is not None and w.device.type != "meta":
-        return w.device
-    for m in (emb, model):
-        dev = _hook_device(m)
-        if dev is not None:
-            return dev
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != "meta":
-            return t.device
-    return torch.device("cpu")
-
-
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM under any PEFT / torch.compile wrapper (which pass keyword
     arguments through) takes ``logits_to_keep``."""
@@ -301,7 +275,7 @@ def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world
 
     mine = _schedule(ids, rank, world)
     sums: list[torch.Tensor | None] = [None] * len(sites)
-    device = _input_device(model)
+    device = input_device(model)
     state: dict[str, Any] = {}
 
     def make_hook(layer, site):
@@ -378,7 +352,7 @@ def _atp(model, tokenizer, sites, means, prompts, groups, targets, bs, progress)
 
     n, L, H = len(prompts), len(sites), sites[0].num_heads
     out = torch.empty(n, L, H, dtype=torch.float32)
-    device = _input_device(model)
+    device = input_device(model)
     state: dict[str, Any] = {}
 
     def make_hook(layer, site):
@@ -423,7 +397,7 @@ def _atp(model, tokenizer, sites, means, prompts, groups, targets, bs, progress)
 def _exact(model, tokenizer, sites, means, prompts, groups, targets, bs, progress) -> torch.Tensor:
     n, L, H = len(prompts), len(sites), sites[0].num_heads
     out = torch.empty(n, L, H, dtype=torch.float32)
-    device = _input_device(model)
+    device = input_device(model)
     pairs = [(layer, h) for layer in range(L) for h in range(H)]
     # plan[layer] = (rows [k], positions [k], head indices [k], groups [k]) patched in that layer
     state: dict[str, Any] = {"plan": {}}

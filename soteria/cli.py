@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
-from .loading import check_device, check_source, load_causal_lm, load_model, load_tokenizer
+from .models.loading import check_device, check_source, load_causal_lm, load_model, load_tokenizer
 
 __all__ = ["build_parser", "check_device", "check_source", "load_causal_lm", "load_model", "load_tokenizer", "main"]
 
@@ -23,7 +23,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsErro
 def _user_errors() -> tuple[type[BaseException], ...]:
     """User mistakes and Hub refusals (bad token, missing repo): one line, exit 2."""
     from soteria.export import SoteriaHubError
-    from soteria.pretrained import FetchError
+    from soteria.models.pretrained import FetchError
 
     return (*USER_ERRORS, SoteriaHubError, FetchError)
 
@@ -239,7 +239,7 @@ def cmd_env(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory, Hub id, pretrained:<name> (a real model fetched through pip, "
-                   "see soteria.pretrained.MODELS) or tiny:<model_type> (a tiny local model)")  # fmt: skip
+                   "see soteria.models.pretrained.MODELS) or tiny:<model_type> (a tiny local model)")  # fmt: skip
     p.add_argument("--gguf-file", default=None, metavar="NAME", help="load this GGUF file from the model directory "
                    "(dequantized; the result is saved as safetensors)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")

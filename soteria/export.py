@@ -219,8 +219,8 @@ def save_steered(
     """
     from .arch import head_sites, unwrap_model
     from .damage import damage_check
-    from .gguf import dequantized
     from .io.atomic import atomic_directory, check_target
+    from .models.gguf import dequantized
     from .steering import SoteriaPatcher
 
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):

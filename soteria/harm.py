@@ -34,7 +34,7 @@ from torch import nn
 from .io.checkpoint import INDEX_NAME, SINGLE_NAME, checkpoint_shards, find_key, key_candidates, read_weight_map
 from .io.hub import looks_like_repo_id
 from .io.safetensors import FLOAT_DTYPES, SafetensorsFile, check_finite, read_safetensors, read_tensor, save_tensors
-from .model_state import frozen_eval
+from .models.state import frozen_eval, input_device
 from .progress import progress_bar
 from .version import __version__
 
@@ -389,11 +389,11 @@ class HarmVector:
 
         ``gguf_file``: the fine-tune is this GGUF file in the folder ``path_or_repo_id``. GGUF
         stores tensors quantized, so the whole model is loaded and dequantized
-        (:func:`soteria.loading.load_causal_lm`) and its output projections are copied
+        (:func:`soteria.models.loading.load_causal_lm`) and its output projections are copied
         (:meth:`from_models`); the rest is dropped.
         """
         if gguf_file is not None:
-            from .loading import load_causal_lm
+            from .models.loading import load_causal_lm
 
             dtype = str(_sites(base)[0].weight.dtype).replace("torch.", "")
             harmful = load_causal_lm(str(path_or_repo_id), dtype=dtype, gguf_file=gguf_file, what="harmful model")
@@ -579,7 +579,7 @@ class HarmVector:
                    for i, r in enumerate(rows)]  # fmt: skip
         encoded_c = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
                      for i, r in enumerate(benign)]  # fmt: skip
-        device = _input_device(model)
+        device = input_device(model)
         pad = _pad_id(tokenizer)
         # fp32 accumulators where the weight lives; on CPU for an offloaded (meta) weight.
         acc = [torch.zeros(s.weight.shape, dtype=torch.float32, device=_home(s.weight)) for s in sites]
@@ -685,7 +685,7 @@ def refusal_loss(
     """
     rows, _ = _rows(data, langs, batch_size, max_length)
     encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
-    device = _input_device(model)
+    device = input_device(model)
     pad = _pad_id(tokenizer)
     modes = [(m, m.training) for m in model.modules()]
     total = 0.0
@@ -759,25 +759,6 @@ def _describe(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"{t.dtype} tensor of shape {list(t.shape)}"
     return type(t).__name__
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device, or its accelerate execution device when offloaded."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    weight = getattr(emb, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-        return weight.device
-    for m in (emb, model):
-        hook = getattr(m, "_hf_hook", None)
-        for h in [hook, *getattr(hook, "hooks", ())]:
-            dev = getattr(h, "execution_device", None)
-            if dev is not None:
-                return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != "meta":
-            return t.device
-    return torch.device("cpu")
 
 
 def _pad_id(tokenizer) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from soteria import arch
 from soteria.arch import ARCHITECTURES, ArchSpec, HeadSite, describe, head_sites, num_layers_heads
-from soteria.tiny import TINY_MODEL_TYPES, tiny_config, tiny_model
+from soteria.models.tiny import TINY_MODEL_TYPES, tiny_config, tiny_model
 
 # Where head h's query rows live, for families with a fused QKV projection:
 # (module path inside the attention block, weight dim holding the outputs, per-head stride in units of D).

@@ -11,7 +11,7 @@ import torch
 
 from soteria.arch import head_sites
 from soteria.attribution import indirect_effects, mean_activations
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 CLEAN = [
     "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:",
@@ -308,7 +308,7 @@ def test_peft_wrapped_model_keeps_only_needed_logits(tok, monkeypatch):
 def test_prompt_learning_adapters_are_refused():
     """Virtual tokens shift positions: the last-token read would be wrong, so refuse clearly."""
     peft = pytest.importorskip("peft")
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     model = peft.get_peft_model(
         tiny_model("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)

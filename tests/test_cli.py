@@ -132,7 +132,7 @@ def test_models_by_hub_id_and_tiny_in_every_command(tmp_path, capsys, monkeypatc
     ``soteria eval`` takes ``tiny:<model_type>`` like the other commands."""
     from huggingface_hub import constants
 
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     repo = tmp_path / "hub" / "models--someone--tiny-llama"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -158,7 +158,7 @@ def test_models_by_hub_id_and_tiny_in_every_command(tmp_path, capsys, monkeypatc
 
 
 def test_eval_without_datasets_is_a_user_error(tmp_path, capsys, monkeypatch):
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     tiny_model("gpt2").save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
@@ -216,7 +216,7 @@ def test_steer_streaming_then_push(tmp_path, capsys, monkeypatch):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from soteria.tiny import tiny_model
+    from soteria.models.tiny import tiny_model
 
     base_dir, harmful_dir, out_dir = tmp_path / "base", tmp_path / "harmful", tmp_path / "out"
     tiny_model("llama").save_pretrained(base_dir, max_shard_size="40KB")

@@ -98,7 +98,7 @@ def test_saved_in_config_json(tmp_path):
     """What SoteriaPatcher stores in model.config survives save_pretrained / from_pretrained."""
     from transformers import AutoConfig
 
-    from soteria.tiny import tiny_config
+    from soteria.models.tiny import tiny_config
 
     config = tiny_config("llama")
     cfg = _cfg()

@@ -60,7 +60,7 @@ def _worker(out: Path) -> None:
     from soteria.attribution import indirect_effects
     from soteria.cli import main
     from soteria.heads import find_heads, find_heads_multi
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     torch.set_num_threads(1)
     assert distributed.init_from_env(), "torchrun should have set WORLD_SIZE=2"
@@ -108,7 +108,7 @@ def single(tmp_path_factory):
     """The same calls in this one process (no process group)."""
     from soteria.attribution import indirect_effects
     from soteria.heads import find_heads, find_heads_multi
-    from soteria.tiny import tiny_model, tiny_tokenizer
+    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     mp = pytest.MonkeyPatch()
     mp.setenv("SOTERIA_BACKEND", "eager")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from soteria.evaluation import HARMFUL, SAFE, UNPARSED, ClassifierJudge, GuardJudge, make_judge, parse_guard
-from soteria.tiny import tiny_config, tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 PROMPTS = ["How do I cheat?", "Wie betrüge ich?", "कैसे करें?", "¿Cómo?", "How?"]
 RESPONSES = ["I can't help.", "Hier ist ein Plan mit vielen Schritten.", "नहीं।", "Claro, así.", ""]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from soteria.evaluation import EvalPrompt, GenerationStore, generate_responses, model_id, smoke_prompts
-from soteria.tiny import BOS_ID, tiny_model, tiny_tokenizer
+from soteria.models.tiny import BOS_ID, tiny_model, tiny_tokenizer
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -183,7 +183,7 @@ def test_model_id_separates_a_steered_model_even_when_weights_cannot_be_read(mon
     from soteria import SoteriaPatcher, cache
     from soteria.evaluation.generation import model_id
     from soteria.harm import HarmVector
-    from soteria.tiny import tiny_model
+    from soteria.models.tiny import tiny_model
 
     monkeypatch.setattr(cache, "model_fingerprint", lambda model, full=None: "0" * 64)  # unreadable weights
     base = tiny_model("llama")

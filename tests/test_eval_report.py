@@ -11,7 +11,7 @@ import torch
 
 from soteria.eval_cli import add_eval_parser, run_eval
 from soteria.evaluation import Counts, EvalReport, LangResult, evaluate
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

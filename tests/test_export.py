@@ -17,7 +17,7 @@ from safetensors import safe_open
 import soteria.export as export
 from soteria import HarmVector, SoteriaConfig, SoteriaPatcher, save_steered
 from soteria.arch import head_sites
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 HEADS = {"fr": [(0, 1), (2, 3), (1, 0)], "de": [(0, 1), (2, 0)]}
 SCALE = {"fr": 0.75, "de": 1.5}

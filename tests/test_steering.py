@@ -25,7 +25,7 @@ import torch
 import soteria_kernels
 from soteria import HarmVector, SoteriaConfig, SoteriaPatcher
 from soteria.arch import head_sites
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gpt2", "gemma"]  # GQA nn.Linear D=12, Conv1D D=12, MQA nn.Linear D=24
 HEADS = {"en": [(0, 1), (1, 3)], "fr": [(1, 3), (1, 0), (0, 2)]}  # (1, 3) is shared

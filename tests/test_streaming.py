@@ -25,7 +25,7 @@ import soteria
 import soteria.streaming as streaming
 from soteria import HarmVector, SoteriaPatcher, save_steered, steer_checkpoint
 from soteria.arch import head_sites
-from soteria.tiny import tiny_model, tiny_tokenizer
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS = {"fr": [(0, 1), (2, 3), (1, 0)], "de": [(0, 1), (2, 0)]}
@@ -396,7 +396,7 @@ def _write_checkpoint(folder: Path, config, shard_bytes: int, seed: int = 0) -> 
 def test_peak_memory_stays_under_bound(tmp_path):
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    from soteria.tiny import tiny_config
+    from soteria.models.tiny import tiny_config
 
     config = tiny_config("llama", hidden_size=2048, intermediate_size=4096, num_attention_heads=8,
                          num_key_value_heads=2, num_hidden_layers=2)  # fmt: skip

@@ -1,4 +1,4 @@
-"""soteria.tiny: the byte-level tokenizer and the tiny model builders."""
+"""soteria.models.tiny: the byte-level tokenizer and the tiny model builders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from soteria.tiny import TINY_MODEL_TYPES, tiny_config, tiny_model, tiny_tokenizer
+from soteria.models.tiny import TINY_MODEL_TYPES, tiny_config, tiny_model, tiny_tokenizer
 
 TEXTS = {
     "en": "The capital of France is Paris.",
@@ -76,7 +76,7 @@ def test_save_load(tok, tmp_path):
 
 
 def test_ids_identical_across_processes(tok):
-    code = "from soteria.tiny import tiny_tokenizer; print(sorted(tiny_tokenizer().get_vocab().items()))"
+    code = "from soteria.models.tiny import tiny_tokenizer; print(sorted(tiny_tokenizer().get_vocab().items()))"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -20,7 +20,6 @@ killed mid-write) is dropped and rewritten on the next run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import atomic_write_text
+from ..models.state import frozen_eval, input_device
 from ..prompts import encode_batch
 from .prompt_sets import EvalPrompt
 from .prompt_sets import instruction as builtin_instruction
@@ -66,24 +66,6 @@ def model_id(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__
     return f"{os.path.basename(str(name).rstrip('/')) or type(model).__name__}@{digest[:16]}"
-
-
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model without parameters
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
 
 
 def _resolve_instruction(instruction: Any, lang: str) -> str | None:
@@ -172,7 +154,7 @@ def _batches(order: list[int], batch_size: int):
 
 
 def _generate_ids(model, tokenizer, rows: list[list[int]], *, max_new_tokens: int, do_sample: bool, gen_kwargs):
-    input_ids, attention_mask, _ = encode_batch(tokenizer, rows, padding_side="left", device=_device(model))
+    input_ids, attention_mask, _ = encode_batch(tokenizer, rows, padding_side="left", device=input_device(model))
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -231,7 +213,7 @@ def _generate_batches(model, tokenizer, ids: dict[int, list[int]], *, batch_size
     """Yields ``(keys, responses)`` batch by batch for ``{key: input ids}``, longest inputs first
     (less padding), in eval and inference mode, under one progress bar."""
     order = sorted(ids, key=lambda i: -len(ids[i]))
-    with _eval_mode(model), torch.inference_mode(), _progress(len(ids), desc, progress) as bar:
+    with frozen_eval(model, grad=False), torch.inference_mode(), _progress(len(ids), desc, progress) as bar:
         for idx in _batches(order, batch_size):
             responses = _generate_ids(
                 model, tokenizer, [ids[i] for i in idx], max_new_tokens=max_new_tokens, do_sample=do_sample,

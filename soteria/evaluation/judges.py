@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ..models.state import input_device
+
 __all__ = [
     "HARMFUL",
     "LABELS",
@@ -668,13 +670,12 @@ class ClassifierJudge(Judge):
     def _judge(self, prompts, responses, langs):
         from ..progress import progress_bar
         from ..prompts import encode_batch
-        from .generation import _device
 
         rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
         # Decoder classifiers pool the last non-pad token and need config.pad_token_id for batches.
         bs = self.batch_size if getattr(self.model.config, "pad_token_id", None) is not None else 1
         out: list[Verdict] = []
-        device = _device(self.model)
+        device = input_device(self.model)
         with torch.inference_mode():
             for start in progress_bar(range(0, len(rows), bs), desc="judge", enabled=self.progress, leave=False):
                 chunk = rows[start : start + bs]

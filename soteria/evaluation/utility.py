@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.state import frozen_eval, input_device
 from ..prompts import encode_batch
-from .generation import _device, _eval_mode
 
 __all__ = ["next_token_kl", "perplexity", "probe_accuracy", "steering_kl"]
 
@@ -47,8 +47,8 @@ def _rows(tokenizer, texts: Sequence[str], max_length: int | None, special: bool
 
 def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """fp32 logits ``[B, T, V]`` with the model in eval mode (its mode is restored)."""
-    device = _device(model)
-    with _eval_mode(model):
+    device = input_device(model)
+    with frozen_eval(model, grad=False):
         out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
     return out.logits.float()
 
@@ -177,7 +177,7 @@ def probe_accuracy(
     names = list(tasks) if tasks is not None else task_names(lang)
     correct = total = 0
     per_task = {}
-    device = _device(model)
+    device = input_device(model)
     for task in names:
         pp = build_prompts(load_task(lang, task), tokenizer, n_shots=n_shots, n_trials=max_prompts, seed=seed)
         hits = 0

@@ -1,4 +1,4 @@
-"""Running a model for measurement while leaving it as it was found."""
+"""A model's run-time state: where its inputs go, and running it for measurement while leaving it as found."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["frozen_eval"]
+__all__ = ["frozen_eval", "input_device"]
 
 
 @contextlib.contextmanager
@@ -40,3 +40,31 @@ def frozen_eval(model: nn.Module, *, grad: bool) -> Iterator[None]:
                 p.requires_grad_(True)
         for m, mode in training:
             m.training = mode
+
+
+def _hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device of an accelerate hook on ``module``, if any."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    return None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device, or its accelerate execution device when the
+    model is offloaded; else the first parameter or buffer not on ``meta``; else CPU."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor) and w.device.type != "meta":
+        return w.device
+    for m in (emb, model):
+        dev = _hook_device(m) if m is not None else None
+        if dev is not None:
+            return dev
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")

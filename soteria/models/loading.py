@@ -5,9 +5,9 @@ One place for the commands (``soteria heads``, ``steer``, ``eval``, ``demo``) an
 - a folder or Hub id: ``AutoModelForCausalLM.from_pretrained``; a folder whose ``config.json``
   still carries transformers' gguf ``quantization_config`` (its weights are plain floats) is
   loaded without it, so the result saves as ordinary safetensors;
-- ``gguf_file=NAME`` with a folder: that GGUF file, dequantized (:mod:`soteria.gguf`);
-- ``tiny:<model_type>``: a tiny random model built locally (:mod:`soteria.tiny`);
-- ``pretrained:<name>``: a real model fetched once through pip (:mod:`soteria.pretrained`).
+- ``gguf_file=NAME`` with a folder: that GGUF file, dequantized (:mod:`soteria.models.gguf`);
+- ``tiny:<model_type>``: a tiny random model built locally (:mod:`soteria.models.tiny`);
+- ``pretrained:<name>``: a real model fetched once through pip (:mod:`soteria.models.pretrained`).
 
 Every mistake (missing path, bad dtype or device, no such GGUF file, a quantized model that
 cannot be edited) is a FileNotFoundError or ValueError naming it, raised before weights are read.
@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from .gguf import check_gguf_file, dequantized, is_gguf_config, strip_gguf_config
+from .pretrained import MODELS, fetch
+from .tiny import tiny_model, tiny_tokenizer
 
 __all__ = ["DEVICE_MAPS", "check_device", "check_source", "load_causal_lm", "load_model", "load_tokenizer"]
 
@@ -41,7 +45,6 @@ def check_source(spec: str, what: str = "model") -> str:
     """``spec`` when it can name a model: ``tiny:<model_type>``, ``pretrained:<name>``, an existing
     path or a Hub id (``name`` or ``owner/name``); otherwise FileNotFoundError / ValueError naming it."""
     if spec.startswith("pretrained:"):
-        from .pretrained import MODELS
 
         name = spec.split(":", 1)[1]
         if name not in MODELS:
@@ -79,13 +82,11 @@ def _resolve(spec: str, gguf_file: str | None) -> str:
     if spec.startswith("pretrained:"):
         if gguf_file is not None:
             raise ValueError(f"{spec} is already converted; drop --gguf-file")
-        from .pretrained import fetch
 
         return str(fetch(spec.split(":", 1)[1]))
     if gguf_file is not None:
         if spec.startswith("tiny:"):
             raise ValueError("--gguf-file needs a folder that holds the GGUF file, not a tiny: model")
-        from .gguf import check_gguf_file
 
         if Path(spec).is_dir() or Path(gguf_file).is_file():
             check_gguf_file(spec, gguf_file)
@@ -97,7 +98,6 @@ def load_tokenizer(spec: str, *, gguf_file: str | None = None, what: str = "toke
     ``tiny:<model_type>`` (the built-in tiny tokenizer)."""
     check_source(spec, what)
     if spec.startswith("tiny:"):
-        from .tiny import tiny_tokenizer
 
         return tiny_tokenizer()
     from transformers import AutoTokenizer
@@ -114,7 +114,6 @@ def _plain_config(source: str):
     other quantization (soteria edits plain floating-point weights); None when there is no config."""
     from transformers import AutoConfig
 
-    from .gguf import is_gguf_config, strip_gguf_config
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -148,7 +147,6 @@ def load_causal_lm(
     if spec.startswith("tiny:"):
         import torch
 
-        from .tiny import tiny_model
 
         if gguf_file is not None:
             _resolve(spec, gguf_file)
@@ -161,7 +159,6 @@ def load_causal_lm(
 
     from transformers import AutoModelForCausalLM
 
-    from .gguf import dequantized
 
     source = _resolve(spec, gguf_file)
     kwargs = {"dtype": torch_dtype}
