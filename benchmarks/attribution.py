@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, append_csv, print_table, provenance
-from soteria.attribution import indirect_effects
+from soteria.heads.attribution import indirect_effects
+from soteria.heads.probes import load_task
+from soteria.heads.prompts import build_prompts
 from soteria.io.atomic import atomic_write_bytes
 from soteria.models.tiny import tiny_model, tiny_tokenizer
-from soteria.probes import load_task
-from soteria.prompts import build_prompts
 
 # (family, layers, heads, head_dim). Families: llama (GQA, RMSNorm, RoPE), gpt2 (Conv1D,
 # LayerNorm, absolute positions), qwen2 (GQA with q/k/v biases), gemma (MQA, D = 16).

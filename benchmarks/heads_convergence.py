@@ -25,7 +25,8 @@ import torch
 
 from benchmarks.common import append_csv, print_table, provenance, save_png
 from soteria import heads as heads_mod
-from soteria.heads import AUTO_STEP, find_heads_multi
+from soteria.heads import find_heads_multi
+from soteria.heads.search import AUTO_STEP
 from soteria.models.pretrained import load_pretrained
 
 

@@ -52,7 +52,7 @@ WORKLOADS = {
 
 
 def _work(name: str):
-    from soteria.probes import languages
+    from soteria.heads.probes import languages
 
     overrides, langs, n_trials, n_shots, bs = WORKLOADS[name]
     return overrides, langs or languages(), n_trials, n_shots, bs
@@ -62,8 +62,7 @@ def _work(name: str):
 
 
 def worker(out: Path, workload: str, repeat: int, threads: int) -> None:
-    from soteria import distributed
-    from soteria.heads import find_heads_multi
+    from soteria.heads import distributed, find_heads_multi
     from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     distributed.init_from_env()

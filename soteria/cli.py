@@ -107,8 +107,7 @@ def _harm_arg(harm: str | None):
 def cmd_heads(args) -> int:
     """All languages in shared batches; under torchrun the prompts are sharded over the ranks
     and only rank 0 writes files, prints and shows the progress bar."""
-    from soteria import distributed
-    from soteria.heads import find_heads_multi
+    from soteria.heads import distributed, find_heads_multi
 
     langs = _langs(args.langs)
     owns_group = distributed.init_from_env()

@@ -19,7 +19,7 @@ def report() -> dict[str, str]:
     """Everything a bug report needs, as ``{label: value}``."""
     import torch
 
-    from soteria.cache import cache_dir
+    from soteria.heads.cache import cache_dir
     from soteria.version import __version__
     from soteria_kernels import HAS_TRITON
     from soteria_kernels._backend import INTERPRET

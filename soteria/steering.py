@@ -41,7 +41,7 @@ from torch import nn
 from .config import SoteriaConfig
 from .defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from .harm import HarmVector
-from .probes import lang_list
+from .heads.probes import lang_list
 
 __all__ = [
     "SoteriaPatcher",
@@ -510,7 +510,7 @@ def calibrated_scale(model: nn.Module, harm: HarmVector, heads: list[tuple[int, 
 
 
 def _check_find(langs, method, top_k, total: int, tokenizer, find_kwargs) -> None:
-    from .attribution import METHODS
+    from .heads.attribution import METHODS
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -524,7 +524,7 @@ def _check_find(langs, method, top_k, total: int, tokenizer, find_kwargs) -> Non
     elif not 0.0 < float(top_k) <= 1.0:
         raise ValueError(f"a fractional top_k must be in (0, 1], got {top_k}")
     if "tasks" not in find_kwargs:
-        from .probes import languages
+        from .heads.probes import languages
 
         known = languages()
         own = find_kwargs.get("tasks_by_lang") or {}  # find_heads_multi: per-language data

@@ -1,4 +1,4 @@
-"""soteria.attribution: AtP and exact activation patching against independent references.
+"""soteria.heads.attribution: AtP and exact activation patching against independent references.
 
 The references here share nothing with the code under test but ``head_sites``: one prompt at a
 time (no padding), plain hooks, float64 arithmetic for the per-head sums.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from soteria.arch import head_sites
-from soteria.attribution import indirect_effects, mean_activations
+from soteria.heads.attribution import indirect_effects, mean_activations
 from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 CLEAN = [

@@ -18,7 +18,7 @@ import torch
 
 from soteria import HarmVector, SoteriaPatcher
 from soteria.arch import head_sites
-from soteria.attribution import indirect_effects
+from soteria.heads.attribution import indirect_effects
 from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 accelerate = pytest.importorskip("accelerate")

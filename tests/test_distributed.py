@@ -56,10 +56,9 @@ def _record_bars(log: list):
 
 def _worker(out: Path) -> None:
     """One rank's share (run under torchrun); writes ``rank<r>.pt``."""
-    from soteria import distributed
-    from soteria.attribution import indirect_effects
     from soteria.cli import main
-    from soteria.heads import find_heads, find_heads_multi
+    from soteria.heads import distributed, find_heads, find_heads_multi
+    from soteria.heads.attribution import indirect_effects
     from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     torch.set_num_threads(1)
@@ -106,8 +105,8 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The same calls in this one process (no process group)."""
-    from soteria.attribution import indirect_effects
     from soteria.heads import find_heads, find_heads_multi
+    from soteria.heads.attribution import indirect_effects
     from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     mp = pytest.MonkeyPatch()
@@ -182,7 +181,7 @@ def test_ranks_given_other_prompts_all_refuse(two_ranks):
 
 
 def test_helpers_outside_a_process_group(monkeypatch):
-    from soteria import distributed
+    from soteria.heads import distributed
 
     for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
@@ -205,7 +204,7 @@ def test_helpers_outside_a_process_group(monkeypatch):
 
 
 def test_init_from_env_names_missing_variables(monkeypatch):
-    from soteria import distributed
+    from soteria.heads import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -219,7 +218,7 @@ def test_init_from_env_names_missing_variables(monkeypatch):
 
 
 def test_shards_cover_every_index_once():
-    from soteria.distributed import shard
+    from soteria.heads.distributed import shard
 
     for n in (0, 1, 7, 8):
         for world in (1, 2, 3):

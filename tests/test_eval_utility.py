@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from soteria.evaluation import next_token_kl, perplexity, probe_accuracy
+from soteria.heads.probes import load_task
+from soteria.heads.prompts import build_prompts
 from soteria.models.tiny import tiny_model, tiny_tokenizer
-from soteria.probes import load_task
-from soteria.prompts import build_prompts
 
 TEXTS = ["The market opens at seven every morning.", "हर सुबह बाज़ार खुलता है।", "Hi"]
 

@@ -1,4 +1,4 @@
-"""soteria.heads (HeadScores, find_heads) and soteria.cache."""
+"""soteria.heads (HeadScores, find_heads) and soteria.heads.cache."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import soteria
-from soteria import cache
 from soteria.arch import head_sites
-from soteria.attribution import indirect_effects
-from soteria.heads import HeadScores, HeadSet, find_heads
+from soteria.heads import HeadScores, HeadSet, cache, find_heads
+from soteria.heads.attribution import indirect_effects
+from soteria.heads.prompts import build_prompts
 from soteria.models.tiny import tiny_model, tiny_tokenizer
-from soteria.prompts import build_prompts
 
 ANTONYMS = [
     {"input": a, "output": b}
@@ -233,7 +232,7 @@ def test_find_heads_cache(tok, monkeypatch, tmp_path):
     files = list((tmp_path / "c" / "heads").glob("*.json"))
     assert len(files) == 1
 
-    import soteria.attribution as attribution
+    import soteria.heads.attribution as attribution
 
     def boom(*a, **k):
         raise AssertionError("cache miss: indirect_effects was called")
@@ -355,7 +354,7 @@ def test_find_heads_bad_input(tok):
 
 
 def test_auto_trials_stop_once_the_top_set_is_stable_and_record_the_rule(tok):
-    from soteria.heads import AUTO_MAX_TRIALS, AUTO_STEP
+    from soteria.heads.search import AUTO_MAX_TRIALS, AUTO_STEP
 
     model = tiny_model("llama")
     scores = find_heads(

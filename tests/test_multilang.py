@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import soteria.attribution as attribution
+import soteria.heads.attribution as attribution
 from soteria import HarmVector, SoteriaPatcher
 from soteria.arch import head_sites
 from soteria.heads import find_heads, find_heads_multi

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from soteria import probes
+from soteria.heads import probes
 
 FIVE_TASKS = ("antonym", "country_capital", "country_currency", "sentiment", "news_topic")
 

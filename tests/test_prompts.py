@@ -10,9 +10,8 @@ import pytest
 import torch
 from tokenizers import normalizers, processors
 
-from soteria import probes
-from soteria.models.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_model, tiny_tokenizer
-from soteria.prompts import (
+from soteria.heads import probes
+from soteria.heads.prompts import (
     ProbePrompts,
     bos_prefix,
     build_prompts,
@@ -22,6 +21,7 @@ from soteria.prompts import (
     position_ids,
     split_pairs,
 )
+from soteria.models.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_model, tiny_tokenizer
 
 CAPITALS = [
     ("France", "Paris"),
@@ -264,9 +264,9 @@ def test_encode_batch_pad_fallback_and_errors(tok):
         encode_batch(tok, ["Q: a"], padding_side="middle")
     with pytest.raises(ValueError, match="empty"):
         encode_batch(tok, [])
-    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] have no tokens"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is an empty token-id list"):
         encode_batch(tok, [[1], []])
-    with pytest.raises(ValueError, match="prompt 0, position 1: expected an int token id"):
+    with pytest.raises(ValueError, match=r"prompts\[0\], position 1: expected an int token id"):
         encode_batch(tok, [[1, 2.0]])
     with pytest.raises(ValueError, match="negative token id"):
         encode_batch(tok, [[1, -3]])

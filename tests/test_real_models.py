@@ -18,11 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from soteria import HarmVector, SoteriaPatcher, find_heads, save_steered
-from soteria.attribution import indirect_effects
+from soteria.heads.attribution import indirect_effects
+from soteria.heads.probes import load_task
+from soteria.heads.prompts import build_prompts
 from soteria.models import pretrained as pt
 from soteria.models.loading import load_causal_lm, load_model, load_tokenizer
-from soteria.probes import load_task
-from soteria.prompts import build_prompts
 
 NAME = "smollm2-135m-instruct"
 SPEC = pt.MODELS[NAME]

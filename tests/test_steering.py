@@ -321,7 +321,7 @@ def test_harm_none_uses_gradients_of_the_steered_languages(monkeypatch):
 
 def test_heads_found_per_language_union(monkeypatch):
     from soteria.heads import find_heads
-    from soteria.probes import languages
+    from soteria.heads.probes import languages
 
     if not {"en", "fr"} <= set(languages()):
         pytest.skip("probe data for en/fr not installed")

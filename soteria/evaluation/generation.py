@@ -2,7 +2,7 @@
 
 Each prompt becomes the user turn of the tokenizer's chat template when it has one (else the raw
 text), optionally prefixed by the paper's answer-only instruction in the prompt's language.
-Batches are left-padded (built with :func:`soteria.prompts.encode_batch`, so the caller's
+Batches are left-padded (built with :func:`soteria.heads.prompts.encode_batch`, so the caller's
 tokenizer is never modified), sorted by length to waste little padding, and decoded greedily by
 default (``model.generate(..., do_sample=False, max_new_tokens=...)``).
 
@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..heads.prompts import encode_batch
 from ..io.atomic import atomic_write_text
 from ..models.state import frozen_eval, input_device
-from ..prompts import encode_batch
 from .prompt_sets import EvalPrompt
 from .prompt_sets import instruction as builtin_instruction
 
@@ -46,14 +46,14 @@ log = logging.getLogger(__name__)
 def model_id(model: nn.Module) -> str:
     """A short stable id of ``model``'s weights: ``"<name>@<digest16>"``.
 
-    The digest is :func:`soteria.cache.model_fingerprint` (output projections hashed in full,
+    The digest is :func:`soteria.heads.cache.model_fingerprint` (output projections hashed in full,
     the rest sampled); for an architecture soteria cannot read, every tensor is hashed in full.
     A steered model's :class:`~soteria.SoteriaConfig` is hashed too, so it never shares an id with
     its original even where the weights cannot be read (offloaded to ``meta``).
     """
     import hashlib
 
-    from ..cache import model_fingerprint
+    from ..heads.cache import model_fingerprint
     from ..steering import SoteriaPatcher
 
     try:

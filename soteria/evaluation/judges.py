@@ -668,8 +668,8 @@ class ClassifierJudge(Judge):
         return ids or [int(self.tokenizer.eos_token_id or 0)]
 
     def _judge(self, prompts, responses, langs):
+        from ..heads.prompts import encode_batch
         from ..progress import progress_bar
-        from ..prompts import encode_batch
 
         rows = [self._encode(p, r) for p, r in zip(prompts, responses)]
         # Decoder classifiers pool the last non-pad token and need config.pad_token_id for batches.

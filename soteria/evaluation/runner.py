@@ -45,7 +45,7 @@ def _texts_for(lang: str, given: Mapping[str, Any] | None, builtin) -> list[str]
 
 
 def _utility(model, tokenizer, lang, *, heldout, probe_prompts, n_shots, seed, batch_size) -> dict[str, Any]:
-    from ..probes import languages as probe_languages
+    from ..heads.probes import languages as probe_languages
 
     out: dict[str, Any] = {"perplexity": None, "probe_accuracy": None, "probe_n": 0}
     if heldout:

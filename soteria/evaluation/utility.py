@@ -7,7 +7,7 @@
   weights (no second copy); what the write guard of :func:`soteria.save_steered` measures.
 - :func:`perplexity`: ``exp(total NLL / predicted tokens)`` of held-out text.
 - :func:`probe_accuracy`: first-token accuracy on the built-in probe tasks (the clean few-shot
-  prompts of :func:`soteria.prompts.build_prompts`): the top-1 next token equals the answer's
+  prompts of :func:`soteria.heads.prompts.build_prompts`): the top-1 next token equals the answer's
   first token.
 
 All run batched and right-padded under ``torch.inference_mode`` and never modify the models.
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..heads.prompts import encode_batch
 from ..models.state import frozen_eval, input_device
-from ..prompts import encode_batch
 
 __all__ = ["next_token_kl", "perplexity", "probe_accuracy", "steering_kl"]
 
@@ -170,9 +170,9 @@ def probe_accuracy(
     ``{"accuracy": float, "correct": int, "total": int, "per_task": {task: float}}``.
     ValueError when ``lang`` has no built-in probe tasks.
     """
-    from ..probes import load_task
-    from ..probes import tasks as task_names
-    from ..prompts import build_prompts
+    from ..heads.probes import load_task
+    from ..heads.probes import tasks as task_names
+    from ..heads.prompts import build_prompts
 
     names = list(tasks) if tasks is not None else task_names(lang)
     correct = total = 0

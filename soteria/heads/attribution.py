@@ -30,7 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.state import frozen_eval, input_device
+import soteria_kernels
+
+from ..arch import head_sites, unwrap_model
+from ..models.state import frozen_eval, input_device
+from .distributed import all_gather_object, all_reduce_sum, resolve, shard
+from .prompts import encode_batch, prompt_list
 
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "indirect_effects", "mean_activations"]
 
@@ -45,34 +50,6 @@ Progress = Callable[[int], Any] | None
 
 
 # --------------------------------------------------------------------------- input checks
-
-
-def _prompt_list(prompts: Any, what: str) -> list[str | list[int]]:
-    if isinstance(prompts, (str, bytes)) or (isinstance(prompts, torch.Tensor) and prompts.ndim < 2):
-        raise ValueError(f"{what} must be a list of prompts (strings or token-id lists), got a single prompt")
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    try:
-        out = list(prompts)
-    except TypeError:
-        raise ValueError(f"{what} must be a list of prompts, got {type(prompts).__name__}") from None
-    if not out:
-        raise ValueError(f"{what} is empty")
-    for i, p in enumerate(out):
-        if isinstance(p, str):
-            continue
-        if isinstance(p, torch.Tensor):
-            p = p.tolist()
-        try:
-            ids = [int(x) for x in p]
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{what}[{i}] must be a string or a sequence of token ids, got {type(p).__name__}"
-            ) from None
-        if not ids:
-            raise ValueError(f"{what}[{i}] is an empty token-id list")
-        out[i] = ids
-    return out
 
 
 def _target_ids(tokenizer, targets: Any, n: int) -> torch.Tensor:
@@ -132,8 +109,6 @@ def _tokenize(tokenizer, prompts: list, what: str) -> list[list[int]]:
 def _schedule(ids: list[list[int]], rank: int, world: int) -> list[int]:
     """Indices of the prompts this rank runs, in order: longest first (stable), every
     ``world``-th from position ``rank`` (batches of similar lengths pad little)."""
-    from .distributed import shard
-
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     return [order[j] for j in shard(len(order), rank, world)]
 
@@ -141,8 +116,6 @@ def _schedule(ids: list[list[int]], rank: int, world: int) -> list[int]:
 def _check_same_everywhere(parts: list) -> None:
     """Every rank must have been given the same prompts, targets and settings."""
     import hashlib
-
-    from .distributed import all_gather_object
 
     h = hashlib.sha256()
     for part in parts:
@@ -166,8 +139,6 @@ def _check_same_everywhere(parts: list) -> None:
 
 
 def _sites(model: nn.Module):
-    from .arch import head_sites
-
     sites = head_sites(model)
     if len({s.num_heads for s in sites}) != 1:
         raise ValueError(
@@ -228,8 +199,6 @@ def _projection_input(args: tuple, kwargs: dict, site, batch: int) -> torch.Tens
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM under any PEFT / torch.compile wrapper (which pass keyword
     arguments through) takes ``logits_to_keep``."""
-    from .arch import unwrap_model
-
     try:
         return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - exotic forward
@@ -237,8 +206,6 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def _encode(tokenizer, prompts: list[list[int]], device: torch.device):
-    from .prompts import encode_batch
-
     ids, mask, last = encode_batch(tokenizer, prompts, padding_side="right")
     return ids.to(device), mask.to(device), last.to(torch.long).cpu()
 
@@ -271,8 +238,6 @@ def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world
     """``[G, H*D]`` per layer: mean over each group's prompts of the o_proj input at the last
     real token (fp32; fp64 for fp64 models), on that layer's device. Sharded and all-reduced
     (in fp64) when ``world > 1``."""
-    from .distributed import all_reduce_sum
-
     mine = _schedule(ids, rank, world)
     sums: list[torch.Tensor | None] = [None] * len(sites)
     device = input_device(model)
@@ -325,9 +290,7 @@ def mean_activations(
     Returns one ``[H*D]`` tensor per layer (fp32; fp64 for fp64 models), on the device that
     layer's input lives on. ``distributed``: see :func:`indirect_effects`.
     """
-    from .distributed import resolve
-
-    prompts = _prompt_list(prompts, "clean_prompts")
+    prompts = prompt_list(prompts, "clean_prompts")
     rank, world = resolve(distributed)
     sites = sites if sites is not None else _sites(model)
     ids = _tokenize(tokenizer, prompts, "clean_prompts")
@@ -348,8 +311,6 @@ def _baseline(means: torch.Tensor, groups: torch.Tensor, device: torch.device) -
 
 
 def _atp(model, tokenizer, sites, means, prompts, groups, targets, bs, progress) -> torch.Tensor:
-    import soteria_kernels
-
     n, L, H = len(prompts), len(sites), sites[0].num_heads
     out = torch.empty(n, L, H, dtype=torch.float32)
     device = input_device(model)
@@ -494,15 +455,13 @@ def indirect_effects(
     Returns:
         float32 ``[N, L, H]`` on the CPU.
     """
-    from .distributed import all_reduce_sum, resolve
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _refuse_prompt_learning(model)
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    clean = _prompt_list(clean_prompts, "clean_prompts")
-    corrupted = _prompt_list(corrupted_prompts, "corrupted_prompts")
+    clean = prompt_list(clean_prompts, "clean_prompts")
+    corrupted = prompt_list(corrupted_prompts, "corrupted_prompts")
     cg = _groups(clean_groups, len(clean), "clean_groups")
     kg = _groups(corrupted_groups, len(corrupted), "corrupted_groups")
     orphans = sorted(set(kg.tolist()) - set(cg.tolist()))

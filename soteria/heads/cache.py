@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch import head_sites
+
 __all__ = ["cache_dir", "cache_key", "model_fingerprint"]
 
 # Elements read from each non-output-projection tensor (evenly strided over it).
@@ -59,8 +61,6 @@ def model_fingerprint(model: nn.Module, full: set[str] | None = None) -> str:
     layers add their adapter state (active, disabled, merged, scaling).
     """
     if full is None:
-        from .arch import head_sites
-
         full = set()
         weights = {id(s.weight) for s in head_sites(model)}
         for name, p in model.named_parameters(remove_duplicate=False):

@@ -223,11 +223,13 @@ def build_prompts(
     return out
 
 
-def _as_ids(row: Any, i: int) -> list[int]:
+def token_ids(row: Any, where: str) -> list[int]:
+    """A prompt given as token ids (a list/tuple of ints or a 1-D integer tensor) as a list of ints;
+    ValueError naming ``where`` (e.g. ``"prompt 3"``) unless every id is an int >= 0 and there is one."""
     if isinstance(row, torch.Tensor):
         if row.dim() != 1 or row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
             raise ValueError(
-                f"prompt {i}: a token-id tensor must be 1-D with an integer dtype, got {row.dim()}-D {row.dtype}"
+                f"{where}: a token-id tensor must be 1-D with an integer dtype, got {row.dim()}-D {row.dtype}"
             )
         ids = [int(v) for v in row.tolist()]
     elif isinstance(row, (list, tuple)):
@@ -238,12 +240,28 @@ def _as_ids(row: Any, i: int) -> list[int]:
                     raise TypeError
                 ids.append(operator.index(v))
             except TypeError:
-                raise ValueError(f"prompt {i}, position {j}: expected an int token id, got {v!r}") from None
+                raise ValueError(f"{where}, position {j}: expected an int token id, got {v!r}") from None
     else:
-        raise ValueError(f"prompt {i}: expected a string or a sequence of token ids, got {type(row).__name__}")
+        raise ValueError(f"{where}: expected a string or a sequence of token ids, got {type(row).__name__}")
+    if not ids:
+        raise ValueError(f"{where} is an empty token-id list")
     if any(v < 0 for v in ids):
-        raise ValueError(f"prompt {i}: negative token id {min(ids)}")
+        raise ValueError(f"{where}: negative token id {min(ids)}")
     return ids
+
+
+def prompt_list(prompts: Any, what: str = "prompts") -> list[str | list[int]]:
+    """``prompts`` as a non-empty list of strings and token-id lists (:func:`token_ids`); a single
+    prompt (a string, a 1-D tensor) is refused with a message naming ``what``."""
+    if isinstance(prompts, (str, bytes)) or (isinstance(prompts, torch.Tensor) and prompts.dim() < 2):
+        raise ValueError(f"{what} must be a list of prompts; wrap a single prompt in a list")
+    try:
+        out = list(prompts)
+    except TypeError:
+        raise ValueError(f"{what} must be a list of prompts, got {type(prompts).__name__}") from None
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return [p if isinstance(p, str) else token_ids(p, f"{what}[{i}]") for i, p in enumerate(out)]
 
 
 def encode_batch(
@@ -265,19 +283,15 @@ def encode_batch(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if isinstance(prompts, (str, bytes)) or (isinstance(prompts, torch.Tensor) and prompts.dim() < 2):
-        raise ValueError("prompts must be a list of prompts; wrap a single prompt in a list")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty")
-    is_str = [isinstance(p, str) for p in prompts]
+    is_str = [isinstance(p, str) for p in prompts] if isinstance(prompts, (list, tuple)) else []
     if any(is_str) and not all(is_str):
         i, j = is_str.index(True), is_str.index(False)
         raise ValueError(f"prompts mix strings (e.g. prompt {i}) and token ids (e.g. prompt {j}); pass one kind")
-    if all(is_str):
+    prompts = prompt_list(prompts)
+    if all(isinstance(p, str) for p in prompts):
         rows = [list(r) for r in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     else:
-        rows = [_as_ids(p, i) for i, p in enumerate(prompts)]
+        rows = prompts
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise ValueError(f"prompt(s) {empty} have no tokens")
