@@ -479,3 +479,8 @@ def _find_proj(layer: nn.Module, h: int, head_dim: int | None, hidden: int | Non
         return None
     cands.sort()
     return cands[0][1], cands[0][2]
+
+
+def model_type(model: nn.Module) -> str:
+    """``config.model_type`` of ``model`` under any PEFT / compile wrapper ("" when it has none)."""
+    return _model_type(unwrap_model(model))

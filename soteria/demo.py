@@ -187,7 +187,7 @@ def run_tiny_demo(
     from soteria import HarmVector, SoteriaPatcher, find_heads, save_steered
     from soteria.arch import head_sites
     from soteria.harm import refusal_loss
-    from soteria.harmful_data import load_harmful
+    from soteria.harm.data import load_harmful
     from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     out_dir = Path(out_dir)

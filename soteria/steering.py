@@ -166,7 +166,7 @@ class SoteriaPatcher:
             recorded_method, recorded_k = "explicit", None
 
         if harm is None:
-            from .harmful_data import harmful_languages
+            from .harm.data import harmful_languages
 
             if "data" not in harm_kwargs and "langs" not in harm_kwargs:
                 built_in = [x for x in langs if x in harmful_languages()]

@@ -12,7 +12,7 @@ import pytest
 
 from soteria.evaluation import EvalPrompt, RefusalJudge, eval_languages, load_hub, load_prompts, smoke_prompts
 from soteria.evaluation.prompt_sets import harmless_prompts, heldout_texts, instruction, normalize_lang
-from soteria.harmful_data import load_harmful
+from soteria.harm.data import load_harmful
 
 PAPER = ["en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te"]
 

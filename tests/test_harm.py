@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import soteria.harm as harm_mod
+import soteria.harm.checkpoint as harm_mod
+import soteria.harm.gradients as grad_mod
 from soteria.arch import head_sites
 from soteria.harm import HarmVector, refusal_loss
-from soteria.harmful_data import harmful_languages, load_harmful, read_harmful
+from soteria.harm.data import harmful_languages, load_harmful, read_harmful
 from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 LANGS = ["en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te"]
@@ -385,7 +386,7 @@ def test_from_gradients_matches_hf_loss_and_is_batch_invariant(model_type):
 def _param_grads(model, tok, rows, batch_size):
     """The direction as parameter gradients (the implementation before projection hooks): the
     same loss and batches, ``torch.autograd.grad`` w.r.t. each o_proj weight, fp32 sums / n."""
-    from soteria.harm import _collate, _encode_pair, _pad_id, _refusal_nll
+    from soteria.harm.gradients import _collate, _encode_pair, _pad_id, _refusal_nll
 
     enc = [_encode_pair(tok, r["prompt"], r["refusal"], 256, i) for i, r in enumerate(rows)]
     weights = [s.weight for s in head_sites(model)]
@@ -439,7 +440,7 @@ def test_from_gradients_failure_leaves_model_as_found(monkeypatch):
     def boom(logits, labels):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(harm_mod, "_refusal_nll", boom)
+    monkeypatch.setattr(grad_mod, "_refusal_nll", boom)
     with pytest.raises(RuntimeError, match="boom"):
         HarmVector.from_gradients(model, tok, load_harmful("en")[:2], progress=False)
     assert all(m.training for m in model.modules())
@@ -485,7 +486,7 @@ def test_refusal_loss_matches_hf_loss():
 
 
 def test_from_gradients_chat_template_masks_the_request():
-    from soteria.harm import _encode_pair
+    from soteria.harm.gradients import _encode_pair
 
     tok = tiny_tokenizer()
     tok.chat_template = (
@@ -510,7 +511,7 @@ def test_from_gradients_bad_arguments():
 
 
 def test_contrast_removes_the_harmless_refusal_gradient_from_every_head_slice():
-    from soteria.harmful_data import load_harmful, load_harmless
+    from soteria.harm.data import load_harmful, load_harmless
 
     tok, model = tiny_tokenizer(), tiny_model("llama")
     rows = load_harmful(["en"])
