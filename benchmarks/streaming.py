@@ -143,7 +143,7 @@ def _worker(argv: list[str]) -> None:
     import soteria.arch  # noqa: F401
     import soteria.export  # noqa: F401
     import soteria.harm  # noqa: F401
-    import soteria.steering  # noqa: F401
+    import soteria.steer  # noqa: F401
     import soteria_kernels  # noqa: F401
     from soteria import steer_checkpoint
 

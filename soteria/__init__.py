@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from .version import __version__
 
 _LAZY = {
-    "SoteriaPatcher": "soteria.steering",
-    "SoteriaConfig": "soteria.config",
+    "SoteriaPatcher": "soteria.steer",
+    "SoteriaConfig": "soteria.steer",
     "HarmVector": "soteria.harm",
     "HeadScores": "soteria.heads",
     "find_heads": "soteria.heads",
@@ -41,9 +41,11 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover - re-exports for type checkers
-    from .config import SoteriaConfig  # noqa: F401
     from .evaluation import EvalReport, evaluate  # noqa: F401
     from .export import push_to_hub, save_steered, steer_checkpoint  # noqa: F401
     from .harm import HarmVector  # noqa: F401
     from .heads import HeadScores, find_heads, find_heads_multi  # noqa: F401
-    from .steering import SoteriaPatcher  # noqa: F401
+    from .steer import (
+        SoteriaConfig,  # noqa: F401
+        SoteriaPatcher,  # noqa: F401
+    )

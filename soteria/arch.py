@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -70,6 +71,10 @@ class HeadSite:
     def weight(self) -> nn.Parameter:
         """The real base weight (``[d_model, H*D]`` or ``[H*D, d_model]``); may be on meta if offloaded."""
         return self.base_module.weight
+
+    def head_slice(self, tensor: torch.Tensor, head: int) -> torch.Tensor:
+        """The view of head ``head``'s columns (rows for Conv1D) of a tensor in :attr:`weight`'s layout."""
+        return tensor.narrow(self.head_axis % 2, head * self.head_dim, self.head_dim)
 
     @property
     def param_name(self) -> str:

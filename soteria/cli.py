@@ -169,7 +169,7 @@ def cmd_steer(args) -> int:
             args.model, args.out, heads=heads, harm=_harm_arg(args.harm), scale=scale, overwrite=args.overwrite
         )
     else:
-        from soteria.steering import SoteriaPatcher
+        from soteria.steer import SoteriaPatcher
 
         harm = _harm_arg(args.harm)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)

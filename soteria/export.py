@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from .config import SoteriaConfig
 from .defaults import DEFAULT_MAX_KL
 from .io.checkpoint import INDEX_NAME, SINGLE_NAME
 from .io.hub import hub_repo_id, plain_hub_error
 from .io.safetensors import add_metadata
+from .steer.config import SoteriaConfig
 from .streaming import METADATA_KEY, steer_checkpoint
 from .version import __version__
 
@@ -221,7 +221,7 @@ def save_steered(
     from .damage import damage_check
     from .io.atomic import atomic_directory, check_target
     from .models.gguf import dequantized
-    from .steering import SoteriaPatcher
+    from .steer import SoteriaPatcher
 
     if not isinstance(model, nn.Module) or not callable(getattr(model, "save_pretrained", None)):
         raise ValueError(f"save_steered needs a transformers model, got {type(model).__name__}")

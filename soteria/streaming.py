@@ -105,9 +105,9 @@ def _check_paths(base: Path, out: Path, harm, overwrite: bool) -> None:
 
 def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code) -> _Plan:
     from .arch import head_sites
-    from .config import SoteriaConfig
     from .harm import HarmVector
-    from .steering import check_plan, layer_plan
+    from .steer.config import SoteriaConfig
+    from .steer.plan import check_plan, layer_plan
 
     base = Path(base_dir)
     if not base.is_dir():
@@ -270,7 +270,7 @@ def steer_checkpoint(
 def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Tensor], None]:
     import soteria_kernels as k
 
-    from .steering import operand_dtype
+    from .steer.plan import operand_dtype
 
     hs, ss = plan.layers[layer]
     site = plan.sites[layer]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from soteria.config import SoteriaConfig
+from soteria.steer.config import SoteriaConfig
 from soteria.version import __version__
 
 

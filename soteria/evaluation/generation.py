@@ -54,7 +54,7 @@ def model_id(model: nn.Module) -> str:
     import hashlib
 
     from ..heads.cache import model_fingerprint
-    from ..steering import SoteriaPatcher
+    from ..steer import SoteriaPatcher
 
     try:
         digest = model_fingerprint(model)

@@ -107,7 +107,7 @@ def steering_kl(
 ) -> dict[str, Any]:
     """:func:`next_token_kl` of a model steered in this process against its own unsteered weights,
     with one copy in memory (:meth:`soteria.SoteriaPatcher.unsteered` swaps the head slices, bit-exact)."""
-    from ..steering import SoteriaPatcher
+    from ..steer import SoteriaPatcher
 
     texts = _texts(texts, "steering_kl")
 

@@ -130,10 +130,9 @@ def _rows(data: Any, langs, batch_size: int, max_length: int) -> tuple[list[dict
 
 def _project_out(tau: torch.Tensor, along: torch.Tensor, site) -> torch.Tensor:
     """``tau`` minus, in each head's slice, its projection on ``along`` (fp32; both ``W_o``-shaped)."""
-    axis = site.head_axis % 2
     out = tau.clone()
     for h in range(site.num_heads):
-        t, a = out.narrow(axis, h * site.head_dim, site.head_dim), along.narrow(axis, h * site.head_dim, site.head_dim)
+        t, a = site.head_slice(out, h), site.head_slice(along, h)
         a2 = float(a.pow(2).sum())
         if a2 > 0.0:
             t -= (float((t * a).sum()) / a2) * a

@@ -45,7 +45,6 @@ def check_source(spec: str, what: str = "model") -> str:
     """``spec`` when it can name a model: ``tiny:<model_type>``, ``pretrained:<name>``, an existing
     path or a Hub id (``name`` or ``owner/name``); otherwise FileNotFoundError / ValueError naming it."""
     if spec.startswith("pretrained:"):
-
         name = spec.split(":", 1)[1]
         if name not in MODELS:
             raise ValueError(f"{what} {spec!r}: no such pretrained model; choose one of {', '.join(MODELS)}")
@@ -98,7 +97,6 @@ def load_tokenizer(spec: str, *, gguf_file: str | None = None, what: str = "toke
     ``tiny:<model_type>`` (the built-in tiny tokenizer)."""
     check_source(spec, what)
     if spec.startswith("tiny:"):
-
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -113,7 +111,6 @@ def _plain_config(source: str):
     """The folder's config with a leftover gguf ``quantization_config`` dropped; ValueError for any
     other quantization (soteria edits plain floating-point weights); None when there is no config."""
     from transformers import AutoConfig
-
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -147,7 +144,6 @@ def load_causal_lm(
     if spec.startswith("tiny:"):
         import torch
 
-
         if gguf_file is not None:
             _resolve(spec, gguf_file)
         model = tiny_model(spec.split(":", 1)[1], **({} if torch_dtype == "auto" else {"dtype": torch_dtype}))
@@ -158,7 +154,6 @@ def load_causal_lm(
         return model.eval()
 
     from transformers import AutoModelForCausalLM
-
 
     source = _resolve(spec, gguf_file)
     kwargs = {"dtype": torch_dtype}

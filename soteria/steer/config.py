@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .version import __version__
+from ..version import __version__
 
 __all__ = ["METHODS", "SoteriaConfig"]
 

@@ -1,0 +1,304 @@
+"""Step 3 of Soteria: subtract the harm direction from the selected heads, in place, reversibly.
+
+For every selected head ``(l, h)`` (the union over languages of each language's heads)::
+
+    W_o^l[:, h*D:(h+1)*D] -= scale_h * tau^l[:, h*D:(h+1)*D]      (rows for GPT-2 Conv1D)
+
+and every other parameter stays bit-identical. ``tau`` is ``W_harmful - W`` for a harmful-kind
+:class:`~soteria.harm.HarmVector` (fused, :func:`soteria_kernels.masked_head_steer_`) or an
+explicit direction (:func:`soteria_kernels.masked_head_update_`). Both kernels compute in fp32
+and round once to the weight's dtype.
+
+``apply`` mirrors ``peft.get_peft_model``: it edits and returns the given model, records a
+:class:`~soteria.steer.config.SoteriaConfig` at ``model.soteria_config`` and in ``model.config.soteria``
+(so ``save_pretrained`` writes it to ``config.json``), and keeps a copy of the original head
+slices (``k * D * d_model`` elements, on CPU) so :meth:`SoteriaPatcher.revert` restores the
+weights bit-exactly.
+
+Models split over devices by accelerate (``device_map``, ``cpu_offload``, disk offload) are
+edited where their real weights live: an offloaded layer's weight is a ``meta`` placeholder,
+so the edit goes to the tensor in its offload hook's ``weights_map`` (in place when that map
+holds it in memory; when it is read from disk or from the checkpoint's safetensors, an edited
+in-memory copy is put in front of it and the files are never written). ``revert`` restores
+the slices and drops those copies.
+
+The request is checked and planned in :mod:`soteria.steer.plan` (shared with the on-disk edit,
+:func:`soteria.steer_checkpoint`); offloaded weights are reached through :mod:`soteria.steer.offload`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+import soteria_kernels
+
+from ..arch import head_sites, unwrap_model
+from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
+from ..harm import HarmVector
+from ..harm.data import harmful_languages
+from ..heads import find_heads_multi
+from .config import SoteriaConfig
+from .offload import drop_overlays, editable_weight
+from .plan import (
+    calibrated_scale,
+    check_find,
+    check_plan,
+    check_relative,
+    layer_plan,
+    operand_dtype,
+    scale_of,
+)
+
+__all__ = ["SoteriaPatcher"]
+
+_STATE = "_soteria_state"  # attribute on the unwrapped model: {"slices": {(layer, head): tensor}, ...}
+
+
+class SoteriaPatcher:
+    """Apply and revert Soteria's masked head steering on a Hugging Face causal LM (PEFT wrappers allowed)."""
+
+    @staticmethod
+    def apply(
+        model: nn.Module,
+        langs: str | list[str],
+        *,
+        harm: HarmVector | str | os.PathLike | None = None,
+        scale: float | dict[str, float] | str = "auto",
+        relative_scale: float | dict[str, float] | None = None,
+        top_k: int | float = DEFAULT_TOP_K,
+        heads: list | dict | None = None,
+        tokenizer=None,
+        method: str = "atp",
+        find_kwargs: dict[str, Any] | None = None,
+        harm_kwargs: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> nn.Module:
+        """Steer ``model`` in place for ``langs`` and return it.
+
+        Args:
+            langs: one language code or a list of them.
+            harm: a :class:`HarmVector`; a path or Hub id of a harmful fine-tune (or of a saved
+                vector), read with :meth:`HarmVector.from_pretrained` (``harm_kwargs`` passed on);
+                or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
+                steered languages (all twelve if none of them is built in), by default with the
+                built-in harmless contrast set and the first 4 refusal tokens
+                (:mod:`soteria.defaults`; ``harm_kwargs`` override). None needs ``tokenizer``.
+            scale: ``lambda``, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for a
+                harmful fine-tune (the paper's form), and for a direction (``harm=None``: the
+                gradient direction, whose raw size means nothing) the scale that makes the edit
+                ``relative_scale`` of the steered slices' size (below). A head selected for
+                several languages is steered once, with the largest of their scales.
+            relative_scale: with ``scale="auto"``, per language the scale with
+                ``||scale * tau_S|| = relative_scale * ||W_S||`` (Frobenius norms over the slices
+                of that language's heads ``S``); one float or ``{lang: float}``; default
+                :data:`soteria.defaults.DEFAULT_RELATIVE_SCALE` for a direction, none (scale 1.0) for a fine-tune.
+            top_k: heads kept per language when they are found: a count, or a fraction of all
+                ``L*H`` heads (default :data:`soteria.defaults.DEFAULT_TOP_K`; the reference kept half, ``0.5``).
+            heads: None (find every language's heads with :func:`soteria.heads.find_heads_multi`,
+                i.e. :func:`soteria.find_heads` for all of them in shared batches, with ``method``
+                and ``find_kwargs``; keep each language's ``top_k``, steer the union); a list of
+                ``(layer, head)`` pairs for every language; or ``{lang: pairs}``. Explicit heads
+                skip attribution (recorded as method ``"explicit"``).
+            tokenizer: needed when heads are found or ``harm`` is None.
+            method: ``"atp"`` or ``"exact"`` (see :func:`soteria.find_heads`).
+            progress: tqdm bars for attribution and gradients.
+
+        Every argument and the harm vector's fit to the model (model_type, layers, shapes) are
+        checked before anything is changed; a ValueError names the problem. If an edit fails
+        half-way the touched slices are restored, so the model is unchanged. A model that is
+        already steered is refused (``SoteriaPatcher.revert(model)`` first).
+        """
+        inner = unwrap_model(model)
+        if SoteriaPatcher.is_steered(model):
+            raise ValueError(
+                "this model is already steered by soteria (config.soteria is set); "
+                "call SoteriaPatcher.revert(model) first, or start from the base model"
+            )
+        sites = head_sites(model)
+        n_layers, n_heads = len(sites), sites[0].num_heads
+        langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
+        if relative_scale is not None:
+            if scales != "auto":
+                raise ValueError("give scale= or relative_scale=, not both (relative_scale needs scale='auto')")
+            check_relative(relative_scale, langs)
+        find_kwargs = dict(find_kwargs or {})
+        harm_kwargs = dict(harm_kwargs or {})
+        if heads is None:
+            check_find(langs, method, top_k, n_layers * n_heads, tokenizer, find_kwargs)
+
+        if harm is None:
+            if tokenizer is None:
+                raise ValueError("harm=None derives the harm direction from gradients and needs tokenizer=")
+        elif isinstance(harm, (str, os.PathLike)):
+            harm = HarmVector.from_pretrained(harm, base=model, **harm_kwargs)
+        elif not isinstance(harm, HarmVector):
+            raise ValueError(f"harm must be a HarmVector, a path or Hub id, or None; got {type(harm).__name__}")
+        if isinstance(harm, HarmVector):
+            harm.check(model)
+
+        if per_lang is None:
+            # All languages in shared batches: one pass over the model per batch, one progress bar.
+            find_kwargs.setdefault("stop_k", top_k)  # n_trials="auto" watches the set that will be steered
+            found = find_heads_multi(model, tokenizer, langs, method=method, progress=progress, **find_kwargs)
+            per_lang = {lang: [tuple(p) for p in found[lang].top(top_k)] for lang in langs}
+            recorded_method, recorded_k = method, top_k
+        else:
+            recorded_method, recorded_k = "explicit", None
+
+        if harm is None:
+            if "data" not in harm_kwargs and "langs" not in harm_kwargs:
+                built_in = [x for x in langs if x in harmful_languages()]
+                harm_kwargs["langs"] = built_in or None
+            if harm_kwargs.get("data") is None:
+                harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
+            harm_kwargs.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)
+            harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
+        harm.check(model, layers=sorted({layer for pairs in per_lang.values() for layer, _ in pairs}))
+        if scales == "auto" and (relative_scale is not None or harm.kind == "tau"):
+            relative = check_relative(DEFAULT_RELATIVE_SCALE if relative_scale is None else relative_scale, langs)
+            scales = {lang: calibrated_scale(model, harm, per_lang[lang], scale_of(relative, lang)) for lang in langs}
+        else:
+            relative = None
+            scales = 1.0 if scales == "auto" else scales
+
+        config = SoteriaConfig(
+            languages=langs,
+            heads=per_lang,
+            scale=scales,
+            relative_scale=relative,
+            harm_source=harm.source,
+            harm_kind=harm.kind,
+            method=recorded_method,
+            top_k=recorded_k,
+            model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
+        )
+        plan = layer_plan(config)
+
+        overlays: list[tuple[dict, str, torch.Tensor | None]] = []
+        try:
+            weights = {layer: editable_weight(inner, sites[layer], overlays) for layer in sorted(plan)}
+            slices = _edit(sites, weights, plan, harm)
+        except BaseException:
+            drop_overlays(overlays)
+            raise
+        inner.__dict__[_STATE] = {
+            "slices": slices,
+            "dtypes": {layer: sites[layer].weight.dtype for layer in plan},
+            "overlays": overlays,
+        }
+        inner.soteria_config = config
+        if getattr(inner, "config", None) is not None:
+            inner.config.soteria = config.to_dict()
+        return model
+
+    @staticmethod
+    def revert(model: nn.Module) -> nn.Module:
+        """Restore the original weights of a model steered by :meth:`apply` (bit-exact) and drop the record."""
+        inner = unwrap_model(model)
+        state = inner.__dict__.get(_STATE)
+        if state is None:
+            if SoteriaPatcher.is_steered(model):
+                raise ValueError(
+                    "this model was loaded already steered (config.soteria is set) and its original weights "
+                    "are not known; load the base model instead"
+                )
+            raise ValueError("this model is not steered by soteria; nothing to revert")
+        sites = head_sites(model)
+        for layer, dtype in state["dtypes"].items():
+            if sites[layer].weight.dtype != dtype:
+                raise ValueError(
+                    f"layer {layer}'s output projection is {sites[layer].weight.dtype} now but was {dtype} when "
+                    "steered; convert the model back to that dtype before reverting"
+                )
+        overlays = state.get("overlays", [])
+        layers = sorted({layer for layer, _ in state["slices"]})
+        weights = {layer: editable_weight(inner, sites[layer], []) for layer in layers}
+        _restore(sites, weights, state["slices"])
+        drop_overlays(overlays)
+        del inner.__dict__[_STATE]
+        inner.__dict__.pop("soteria_config", None)
+        config = getattr(inner, "config", None)
+        if config is not None and hasattr(config, "soteria"):
+            delattr(config, "soteria")
+        return model
+
+    @staticmethod
+    @contextlib.contextmanager
+    def unsteered(model: nn.Module) -> Iterator[nn.Module]:
+        """Within the block ``model`` has its original head slices (bit-exact), afterwards its
+        steered ones again (bit-exact): compare base and steered outputs with one copy in memory.
+        Needs a model steered by :meth:`apply` in this process (the original slices are kept)."""
+        inner = unwrap_model(model)
+        state = inner.__dict__.get(_STATE)
+        if state is None:
+            raise ValueError("unsteered() needs a model steered by SoteriaPatcher.apply in this process")
+        sites = head_sites(model)
+        layers = sorted({layer for layer, _ in state["slices"]})
+        weights = {layer: editable_weight(inner, sites[layer], []) for layer in layers}
+        steered = {key: sites[key[0]].head_slice(weights[key[0]].detach(), key[1]).to("cpu", copy=True)
+                   for key in state["slices"]}  # fmt: skip
+        _restore(sites, weights, state["slices"])
+        try:
+            yield model
+        finally:
+            _restore(sites, weights, steered)
+
+    @staticmethod
+    def has_originals(model: nn.Module) -> bool:
+        """True if ``model`` was steered by :meth:`apply` in this process (its original slices are kept)."""
+        return _STATE in unwrap_model(model).__dict__
+
+    @staticmethod
+    def is_steered(model: nn.Module) -> bool:
+        """True if ``model`` carries a soteria edit (applied here, or loaded with ``config.soteria``)."""
+        inner = unwrap_model(model)
+        return _STATE in inner.__dict__ or getattr(getattr(inner, "config", None), "soteria", None) is not None
+
+    @staticmethod
+    def config(model: nn.Module) -> SoteriaConfig | None:
+        """The :class:`SoteriaConfig` of a steered model (also one loaded from disk), else None."""
+        inner = unwrap_model(model)
+        cfg = inner.__dict__.get("soteria_config")
+        if cfg is not None:
+            return cfg
+        d = getattr(getattr(inner, "config", None), "soteria", None)
+        return SoteriaConfig.from_dict(d) if d is not None else None
+
+
+# --------------------------------------------------------------------------- the edit
+
+
+def _edit(sites, weights: dict, plan: dict[int, tuple[list[int], list[float]]], harm: HarmVector) -> dict:
+    """Run the kernels layer by layer on ``weights[layer]`` (the real weight tensors), saving each
+    slice first; on any failure put every slice back."""
+    saved: dict[tuple[int, int], torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for layer, (hs, ss) in sorted(plan.items()):
+                site = sites[layer]
+                w = weights[layer]
+                operand = harm.tensor(layer).to(device=w.device, dtype=operand_dtype(harm, w))
+                for h in hs:
+                    saved[(layer, h)] = site.head_slice(w.detach(), h).to("cpu", copy=True)
+                fn = (
+                    soteria_kernels.masked_head_steer_
+                    if harm.kind == "harmful"
+                    else soteria_kernels.masked_head_update_
+                )
+                fn(w, operand, hs, head_dim=site.head_dim, scale=ss, head_axis=site.head_axis)
+    except BaseException:
+        _restore(sites, weights, saved)
+        raise
+    return saved
+
+
+def _restore(sites, weights: dict, saved: dict[tuple[int, int], torch.Tensor]) -> None:
+    with torch.no_grad():
+        for (layer, h), orig in saved.items():
+            sites[layer].head_slice(weights[layer].detach(), h).copy_(orig)
