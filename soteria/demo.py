@@ -91,8 +91,8 @@ def run_demo(
     :func:`run_tiny_demo`.
     """
     from soteria import SoteriaPatcher, save_steered
-    from soteria.damage import harmless_kl
     from soteria.evaluation.prompt_sets import harmless_prompts, smoke_prompts
+    from soteria.export.damage import harmless_kl
     from soteria.models.pretrained import MODELS, load_pretrained
 
     out_dir = Path(out_dir)

@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-import soteria.export as export
+import soteria.export.save as export
 from soteria import HarmVector, SoteriaConfig, SoteriaPatcher, save_steered
 from soteria.arch import head_sites
 from soteria.models.tiny import tiny_model, tiny_tokenizer

@@ -204,7 +204,7 @@ def test_steer_save_reload_and_revert_on_real_weights(smol, smol_scores, tmp_pat
 
 
 def test_write_guard_refuses_a_broken_model(smol, smol_scores, tmp_path):
-    from soteria.damage import SteeringDamageError
+    from soteria.export.damage import SteeringDamageError
 
     model, tok = smol
     harm = HarmVector.from_gradients(model, tok, langs=["en"], progress=False)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import soteria
-import soteria.streaming as streaming
+import soteria.export.streaming as streaming
 from soteria import HarmVector, SoteriaPatcher, save_steered, steer_checkpoint
 from soteria.arch import head_sites
 from soteria.models.tiny import tiny_model, tiny_tokenizer

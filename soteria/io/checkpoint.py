@@ -13,7 +13,16 @@ from pathlib import Path
 
 from .safetensors import SafetensorsFile, read_safetensors
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "checkpoint_shards", "find_key", "key_candidates", "no_weights_message"]
+__all__ = [
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "checkpoint_shards",
+    "find_key",
+    "key_candidates",
+    "no_weights_message",
+    "read_weight_map",
+    "shard_files",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -42,6 +51,19 @@ def read_weight_map(index: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has an empty or malformed weight_map")
     return weight_map
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint folder (from its index, or the single file)
+    without parsing them; RuntimeError when there is none."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return [folder / name for name in sorted(set(read_weight_map(index).values()))]
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return [single]
+    raise RuntimeError(f"no safetensors weights in {folder}: {sorted(p.name for p in folder.iterdir())}")
 
 
 def checkpoint_shards(

@@ -39,7 +39,7 @@ def _is_int(x: Any) -> bool:
 
 def operand_dtype(harm: HarmVector, weight: torch.Tensor) -> torch.dtype:
     """The dtype ``harm``'s tensor is cast to before the kernel edits ``weight`` (shared with
-    :mod:`soteria.streaming`): the harmful weights in the weight's dtype; a tau direction in fp32
+    :mod:`soteria.export.streaming`): the harmful weights in the weight's dtype; a tau direction in fp32
     for half-precision weights (the update kernel takes it as is and rounds the weight once)."""
     if harm.kind == "tau" and weight.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
@@ -50,7 +50,7 @@ def check_plan(
     langs: Any, heads: Any, scale: Any, n_layers: int, n_heads: int
 ) -> tuple[list[str], dict[str, list[tuple[int, int]]] | None, float | dict[str, float]]:
     """Check the steering request for a model of ``n_layers`` x ``n_heads`` heads (shared with
-    :mod:`soteria.streaming`); ValueError names the first problem, checked in the order langs,
+    :mod:`soteria.export.streaming`); ValueError names the first problem, checked in the order langs,
     heads, scale.
 
     Args:
@@ -69,7 +69,7 @@ def check_plan(
 
 def layer_plan(config: SoteriaConfig) -> dict[int, tuple[list[int], list[float]]]:
     """``{layer: (heads, scales)}`` of ``config.head_scales()`` (each head once, with its largest
-    scale), in the order the kernels take them (shared with :mod:`soteria.streaming`)."""
+    scale), in the order the kernels take them (shared with :mod:`soteria.export.streaming`)."""
     plan: dict[int, tuple[list[int], list[float]]] = {}
     for (layer, head), s in config.head_scales().items():
         plan.setdefault(layer, ([], []))

@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-from .defaults import DEFAULT_MAX_KL
+from ..defaults import DEFAULT_MAX_KL
+from ..evaluation.generation import format_inputs
+from ..evaluation.prompt_sets import EvalPrompt, eval_languages, harmless_prompts
+from ..evaluation.utility import steering_kl
 
 __all__ = ["SteeringDamageError", "damage_check", "harmless_kl"]
 
@@ -28,10 +31,6 @@ class SteeringDamageError(ValueError):
 def harmless_kl(model: nn.Module, tokenizer, lang: str, prompts: list[str]) -> float:
     """KL(base || steered) of a model steered in this process on ``prompts``, formatted as they
     are answered (the chat template when the tokenizer has one)."""
-    from .evaluation.generation import format_inputs
-    from .evaluation.prompt_sets import EvalPrompt
-    from .evaluation.utility import steering_kl
-
     texts, templated = format_inputs(tokenizer, [EvalPrompt(p, lang) for p in prompts])
     return steering_kl(model, tokenizer, texts, add_special_tokens=not templated)["mean"]
 
@@ -52,8 +51,6 @@ def damage_check(
     Raises :class:`SteeringDamageError` when ``kl > max_kl`` and not ``force`` (``max_kl=None``:
     measure only). Languages without built-in harmless prompts are measured on English ones.
     """
-    from .evaluation.prompt_sets import eval_languages, harmless_prompts
-
     used = [x for x in langs if x in eval_languages()] or ["en"]
     per_lang = {lang: harmless_kl(model, tokenizer, lang, harmless_prompts(lang)[:n_prompts]) for lang in used}
     kl = sum(per_lang.values()) / len(per_lang)

@@ -32,14 +32,21 @@ from typing import Any
 
 import torch
 
-from .io.checkpoint import OTHER_WEIGHTS, checkpoint_shards, find_key
-from .io.hub import hub_repo_id
-from .io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safetensors
+import soteria_kernels
 
-__all__ = ["METADATA_KEY", "steer_checkpoint"]
+from ..arch import head_sites
+from ..harm import HarmVector
+from ..io.atomic import atomic_directory
+from ..io.checkpoint import OTHER_WEIGHTS, checkpoint_shards, find_key
+from ..io.hub import hub_repo_id
+from ..io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safetensors
+from ..progress import progress_bar
+from ..steer.config import SoteriaConfig
+from ..steer.plan import check_plan, layer_plan, operand_dtype
+from .card import METADATA_KEY, model_card, write_soteria_config
 
-#: Key of the JSON-encoded :class:`soteria.SoteriaConfig` in each shard's ``__metadata__``.
-METADATA_KEY = "soteria_config"
+__all__ = ["steer_checkpoint"]
+
 #: Bytes of fp32 kernel temporaries per block: the edit runs over blocks of the non-head axis.
 _CHUNK_BYTES = 4 << 20
 _SKIP_DIRS = {".git", ".cache"}
@@ -104,10 +111,6 @@ def _check_paths(base: Path, out: Path, harm, overwrite: bool) -> None:
 
 
 def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code) -> _Plan:
-    from .arch import head_sites
-    from .harm import HarmVector
-    from .steer.config import SoteriaConfig
-    from .steer.plan import check_plan, layer_plan
 
     base = Path(base_dir)
     if not base.is_dir():
@@ -242,8 +245,6 @@ def steer_checkpoint(
     checked before anything is written; NaN/Inf in a harmful tensor is found when it is read
     and aborts the run. No output appears unless the whole run succeeds.
     """
-    from .io.atomic import atomic_directory
-    from .progress import progress_bar
 
     device = torch.device(device)
     plan = _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code)
@@ -268,13 +269,10 @@ def steer_checkpoint(
 
 
 def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Tensor], None]:
-    import soteria_kernels as k
-
-    from .steer.plan import operand_dtype
 
     hs, ss = plan.layers[layer]
     site = plan.sites[layer]
-    fn = k.masked_head_steer_ if plan.harm.kind == "harmful" else k.masked_head_update_
+    fn = getattr(soteria_kernels, "masked_head_steer_" if plan.harm.kind == "harmful" else "masked_head_update_")
 
     def edit(w: torch.Tensor) -> None:
         # The operand exactly as SoteriaPatcher.apply prepares it, so the result is bit-identical.
@@ -316,8 +314,6 @@ def _carry_files(base: Path, tmp: Path, shard_names: set[str], skipped: list[str
 
 
 def _write_records(plan: _Plan, tmp: Path, base_model: str | None, repo_id: str | None) -> None:
-    from .export import model_card, write_soteria_config
-
     config_json = dict(plan.config_json)
     config_json["soteria"] = plan.record.to_dict()
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n", encoding="utf-8")
