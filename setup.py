@@ -30,11 +30,12 @@ setup(
         "tqdm>=4.64",
         "numpy",
         "matplotlib>=3.7",
-        "gguf>=0.10",  # GGUF input (--gguf-file) and the pip-shipped real models (soteria.pretrained)
+        "gguf>=0.10",  # GGUF input (--gguf-file) and the pip-shipped real models (soteria.models.pretrained)
         "accelerate>=1.0",  # device_map loading and GGUF loading in transformers
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "peft>=0.13", "scipy"],
+        "judge": ["httpx>=0.27", "tenacity>=8.2"],  # the LLM judge's HTTP client and retries
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "peft>=0.13", "scipy", "httpx>=0.27", "tenacity>=8.2"],
     },
     entry_points={"console_scripts": ["soteria=soteria.cli:main"]},
     classifiers=[

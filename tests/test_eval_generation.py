@@ -180,12 +180,13 @@ def test_string_prompts_and_validation():
 def test_model_id_separates_a_steered_model_even_when_weights_cannot_be_read(monkeypatch):
     """Offloaded (meta) output projections fingerprint by shape only; the steering record still
     keeps a steered model's stored responses apart from its original's."""
-    from soteria import SoteriaPatcher, cache
+    from soteria import SoteriaPatcher
+    from soteria.evaluation import generation
     from soteria.evaluation.generation import model_id
     from soteria.harm import HarmVector
     from soteria.models.tiny import tiny_model
 
-    monkeypatch.setattr(cache, "model_fingerprint", lambda model, full=None: "0" * 64)  # unreadable weights
+    monkeypatch.setattr(generation, "model_fingerprint", lambda model, full=None: "0" * 64)  # unreadable weights
     base = tiny_model("llama")
     harm = HarmVector.from_models(base, tiny_model("llama", seed=1))
     steered = SoteriaPatcher.apply(tiny_model("llama"), ["hi"], heads=[(0, 1)], harm=harm, scale=0.5)

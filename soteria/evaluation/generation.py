@@ -32,9 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..heads.cache import model_fingerprint
 from ..heads.prompts import encode_batch
 from ..io.atomic import atomic_write_text
 from ..models.state import frozen_eval, input_device
+from ..progress import progress_bar
+from ..steer import SoteriaPatcher
 from .prompt_sets import EvalPrompt
 from .prompt_sets import instruction as builtin_instruction
 
@@ -51,11 +54,6 @@ def model_id(model: nn.Module) -> str:
     A steered model's :class:`~soteria.SoteriaConfig` is hashed too, so it never shares an id with
     its original even where the weights cannot be read (offloaded to ``meta``).
     """
-    import hashlib
-
-    from ..heads.cache import model_fingerprint
-    from ..steer import SoteriaPatcher
-
     try:
         digest = model_fingerprint(model)
     except ValueError:
@@ -174,8 +172,6 @@ def _check_positive(name: str, value: Any) -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from ..progress import progress_bar
-
     return progress_bar(total=total, desc=desc, unit="prompt", enabled=enabled, leave=False)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_write_bytes, atomic_write_text
+from ..version import __version__
 from .judges import HARMFUL, SAFE, UNPARSED
 
 __all__ = ["ASR_FORMULA", "Counts", "EvalReport", "LangResult"]
@@ -326,8 +327,6 @@ def run_metadata(**extra: Any) -> dict[str, Any]:
     import platform
 
     import torch
-
-    from ..version import __version__
 
     try:
         import transformers

@@ -11,7 +11,9 @@ from typing import Any
 
 from torch import nn
 
+from ..heads.probes import languages as probe_languages
 from ..io.atomic import atomic_write_text
+from ..progress import progress_bar
 from .generation import GenerationStore, format_inputs, generate_responses, model_id
 from .judges import Judge, make_judge
 from .prompt_sets import (
@@ -45,8 +47,6 @@ def _texts_for(lang: str, given: Mapping[str, Any] | None, builtin) -> list[str]
 
 
 def _utility(model, tokenizer, lang, *, heldout, probe_prompts, n_shots, seed, batch_size) -> dict[str, Any]:
-    from ..heads.probes import languages as probe_languages
-
     out: dict[str, Any] = {"perplexity": None, "probe_accuracy": None, "probe_n": 0}
     if heldout:
         out["perplexity"] = perplexity(model, tokenizer, heldout, batch_size=batch_size)["perplexity"]
@@ -190,8 +190,6 @@ def evaluate(
         results.append(LangResult(lang, per_role["before"], per_role.get("after")))
 
     if utility:
-        from ..progress import progress_bar
-
         for res in progress_bar(results, desc="utility", enabled=progress, leave=False):
             held = _texts_for(res.lang, heldout, heldout_texts)
             kw = dict(heldout=held, probe_prompts=probe_prompts, n_shots=n_shots, seed=seed, batch_size=batch_size)

@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..heads.prompts import encode_batch
+from ..heads.probes import load_task
+from ..heads.probes import tasks as task_names
+from ..heads.prompts import build_prompts, encode_batch
 from ..models.state import frozen_eval, input_device
+from ..steer import SoteriaPatcher
 
 __all__ = ["next_token_kl", "perplexity", "probe_accuracy", "steering_kl"]
 
@@ -107,8 +110,6 @@ def steering_kl(
 ) -> dict[str, Any]:
     """:func:`next_token_kl` of a model steered in this process against its own unsteered weights,
     with one copy in memory (:meth:`soteria.SoteriaPatcher.unsteered` swaps the head slices, bit-exact)."""
-    from ..steer import SoteriaPatcher
-
     texts = _texts(texts, "steering_kl")
 
     def pair(ids, mask):
@@ -170,10 +171,6 @@ def probe_accuracy(
     ``{"accuracy": float, "correct": int, "total": int, "per_task": {task: float}}``.
     ValueError when ``lang`` has no built-in probe tasks.
     """
-    from ..heads.probes import load_task
-    from ..heads.probes import tasks as task_names
-    from ..heads.prompts import build_prompts
-
     names = list(tasks) if tasks is not None else task_names(lang)
     correct = total = 0
     per_task = {}
