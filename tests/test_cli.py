@@ -186,7 +186,7 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from soteria.demo import format_tiny_summary, run_tiny_demo
+    from soteria.cli.demo import format_tiny_summary, run_tiny_demo
 
     summary = run_tiny_demo(tmp_path / "demo", n_shots=2, n_trials=2, top_k=4)
     assert summary["reload_max_logit_diff"] == 0.0

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from soteria.eval_cli import add_eval_parser, run_eval
+from soteria.cli.evaluate import add_parser as add_eval_parser
+from soteria.cli.evaluate import run as run_eval
 from soteria.evaluation import Counts, EvalReport, LangResult, evaluate
 from soteria.models.tiny import tiny_model, tiny_tokenizer
 

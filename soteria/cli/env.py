@@ -1,4 +1,4 @@
-"""Versions, devices and kernel backends, for bug reports: ``python -m soteria.env_report``."""
+"""``soteria env``: versions, devices and kernel backends, for bug reports."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import importlib
 import os
 import platform
 import sys
+
+import torch
+
+import soteria_kernels
+from soteria_kernels._backend import INTERPRET
+
+from ..heads.cache import cache_dir
+from ..version import __version__
 
 
 def _version(name: str) -> str:
@@ -17,12 +25,6 @@ def _version(name: str) -> str:
 
 def report() -> dict[str, str]:
     """Everything a bug report needs, as ``{label: value}``."""
-    import torch
-
-    from soteria.heads.cache import cache_dir
-    from soteria.version import __version__
-    from soteria_kernels import HAS_TRITON
-    from soteria_kernels._backend import INTERPRET
 
     info = {
         "soteria": __version__,
@@ -42,8 +44,8 @@ def report() -> dict[str, str]:
             p = torch.cuda.get_device_properties(i)
             info[f"cuda:{i}"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
         info["cuda runtime"] = str(torch.version.cuda)
-    cpu_backend = "triton (interpreter)" if HAS_TRITON and INTERPRET else "eager"
-    info["kernel backend"] = f"cuda: {'triton' if HAS_TRITON else 'eager'}; cpu: {cpu_backend}"
+    cpu_backend = "triton (interpreter)" if soteria_kernels.HAS_TRITON and INTERPRET else "eager"
+    info["kernel backend"] = f"cuda: {'triton' if soteria_kernels.HAS_TRITON else 'eager'}; cpu: {cpu_backend}"
     info["SOTERIA_BACKEND"] = os.environ.get("SOTERIA_BACKEND", "(unset: auto)")
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "(unset)")
     info["cache dir"] = str(cache_dir())
@@ -59,6 +61,16 @@ def format_report(info: dict[str, str] | None = None) -> str:
 def main() -> int:
     print(format_report())
     return 0
+
+
+def run(args) -> int:
+    print(format_report())
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("env", help="versions, devices and kernel backends for bug reports")
+    p.set_defaults(func=run)
 
 
 if __name__ == "__main__":

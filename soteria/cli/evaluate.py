@@ -15,32 +15,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_eval_parser", "positive_int", "run_eval"]
+import torch
+
+from ..evaluation import evaluate, load_prompts, make_judge
+from ..models.loading import check_device, check_source, load_causal_lm, load_tokenizer
+from .args import non_negative, parse_langs, positive_int
+
+__all__ = ["add_parser", "run"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
     p = subparsers.add_parser(
         "eval",
@@ -97,43 +83,35 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     j.add_argument("--judge-model", help="LLM judge model name (or $SOTERIA_JUDGE_MODEL)")
     j.add_argument("--judge-workers", type=positive_int, default=4, help="concurrent LLM judge requests (default 4)")
     j.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request (default 60)")
-    j.add_argument("--judge-retries", type=_non_negative, default=5, help="retries per judge request (default 5)")
+    j.add_argument("--judge-retries", type=non_negative, default=5, help="retries per judge request (default 5)")
     j.add_argument("--judge-cache", help="JSONL cache of judge answers (default: OUT/judge_cache.jsonl)")
 
     u = p.add_argument_group("utility")
     u.add_argument("--no-utility", action="store_true", help="skip perplexity, probe accuracy and KL")
-    u.add_argument("--probe-prompts", type=_non_negative, default=10, help="prompts per probe task (0: skip probes)")
-    u.add_argument("--n-shots", type=_non_negative, default=5, help="demonstrations per probe prompt (default 5)")
+    u.add_argument("--probe-prompts", type=non_negative, default=10, help="prompts per probe task (0: skip probes)")
+    u.add_argument("--n-shots", type=non_negative, default=5, help="demonstrations per probe prompt (default 5)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default="soteria-eval", help="output folder (default ./soteria-eval)")
     o.add_argument("--no-resume", action="store_true", help="regenerate even if OUT/generations.jsonl has responses")
     o.add_argument("--seed", type=int, default=0, help="seed for the probe prompts (default 0)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=run)
     return p
 
 
 def _device(name: str) -> str:
     """``auto``: the first GPU when there is one, else the CPU; anything else is checked."""
-    from .models.loading import check_device
-
     if name == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return check_device(name)
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``soteria eval`` with parsed ``args``; print the table; return 0.
 
     Everything cheap (prompts, judge, device, model names) is checked before the models load.
     """
-    from .cli import _langs
-    from .evaluation import evaluate, load_prompts, make_judge
-    from .models.loading import check_source, load_causal_lm, load_tokenizer
-
     out = Path(args.out)
     judge_kwargs: dict[str, Any] = {}
     if args.judge == "llm":
@@ -161,7 +139,7 @@ def run_eval(args: argparse.Namespace) -> int:
         ).items()
         if v is not None
     }
-    langs = None if args.langs is None else _langs(args.langs)
+    langs = None if args.langs is None else parse_langs(args.langs)
     try:
         prompts = load_prompts(args.prompts, langs=langs, limit=args.limit, **prompt_kwargs)
     except ImportError as e:  # an optional package (datasets) the chosen prompt set needs

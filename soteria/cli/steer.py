@@ -1,0 +1,81 @@
+"""``soteria steer``: steer a model (in memory, or a checkpoint on disk) and save it."""
+
+from __future__ import annotations
+
+from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
+from ..export import push_to_hub, save_steered, steer_checkpoint
+from ..models.loading import load_model
+from ..steer import SoteriaPatcher
+from .args import add_find_args, add_model_args, harm_arg, heads_arg, parse_langs, parse_scale
+
+
+def run(args) -> int:
+    langs = parse_langs(args.langs)
+    scale = parse_scale(args.scale)
+    relative = None if args.relative_scale is None else parse_scale(args.relative_scale)
+    if relative is not None and (scale != "auto" or relative == "auto"):
+        raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
+    heads = heads_arg(args, langs)
+    if args.harm_gguf_file and (args.harm is None or args.harm.endswith(".safetensors")):
+        raise ValueError("--harm-gguf-file names a GGUF file inside the --harm folder; give --harm FOLDER")
+    if args.streaming:
+        if args.gguf_file:
+            raise ValueError("--streaming edits safetensors shards on disk; convert the GGUF file first with "
+                             "`soteria convert MODEL --gguf-file NAME --out DIR`, or drop --streaming")  # fmt: skip
+        if heads is None:
+            raise ValueError("--streaming edits a checkpoint without loading it: give --heads or --heads-from")
+        if args.harm is None:
+            raise ValueError("--streaming needs --harm (a harmful fine-tune directory or a saved HarmVector)")
+        if isinstance(heads, list):
+            heads = {lang: heads for lang in langs}
+        out = steer_checkpoint(
+            args.model, args.out, heads=heads, harm=harm_arg(args.harm), scale=scale, overwrite=args.overwrite
+        )
+    else:
+        harm = harm_arg(args.harm)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
+        SoteriaPatcher.apply(
+            model, langs, harm=harm, scale=scale, relative_scale=relative, top_k=args.top_k, heads=heads,
+            tokenizer=tokenizer, method=args.method,
+            harm_kwargs={"gguf_file": args.harm_gguf_file} if args.harm_gguf_file else None,
+        )  # fmt: skip
+        config = SoteriaPatcher.config(model)
+        out = save_steered(
+            model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
+        )
+        print(f"steered {len(config.head_union)} heads for {', '.join(langs)}")
+    print(f"wrote {out}")
+    if args.push:
+        info = push_to_hub(out, args.push, private=not args.public, token=args.token)
+        print(f"pushed to {getattr(info, 'commit_url', None) or args.push}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("steer", help="steer a model and save it", description="Steer the selected heads' output "
+                       "projections away from the harm direction; save as safetensors with a model card.")  # fmt: skip
+    add_model_args(p)
+    p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
+    p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id) or a saved HarmVector "
+                   "(.safetensors); default: the gradient direction from the built-in refusal data")  # fmt: skip
+    p.add_argument("--harm-gguf-file", default=None, metavar="NAME", help="the harmful fine-tune is this GGUF file "
+                   "in the --harm folder")  # fmt: skip
+    p.add_argument("--scale", default="auto", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5; auto "
+                   "(default): 1.0 for a harmful fine-tune, calibrated by --relative-scale for the gradient "
+                   "direction")  # fmt: skip
+    p.add_argument("--relative-scale", default=None, help="with --scale auto: the edit's size relative to the "
+                   "steered slices' weights, a float or per language (default "
+                   f"{DEFAULT_RELATIVE_SCALE:g} for a direction)")  # fmt: skip
+    add_find_args(p)
+    p.add_argument("--heads", default=None, help="explicit heads LAYER:HEAD,... (skips head finding)")
+    p.add_argument("--heads-from", nargs="+", default=None, help="HeadScores JSON files from `soteria heads`")
+    p.add_argument("--streaming", action="store_true", help="edit a checkpoint directory on disk without loading it")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="refuse to write a model whose next-token "
+                   f"KL on built-in harmless prompts exceeds this (default {DEFAULT_MAX_KL:g})")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="write even when the KL check fails (the card says so)")
+    p.add_argument("--push", metavar="REPO_ID", default=None, help="push the result to this Hub repo afterwards")
+    p.add_argument("--public", action="store_true", help="make a pushed repo public (default: private)")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.set_defaults(func=run)
