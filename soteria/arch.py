@@ -9,6 +9,9 @@ grouped-query models, and ``D = projection input width // H`` (never assumed to 
 Lookup order: the registry keyed by ``config.model_type`` (:data:`ARCHITECTURES`, extend it
 with :func:`register_architecture`), then a generic detector. A model neither can read gets a
 ``ValueError`` saying what was found and how to register it.
+
+Over 400 lines: the registry, the generic detector and the PEFT/compile unwrapping are one lookup
+(every caller needs all three to find a head); the rest is the registry table.
 """
 
 from __future__ import annotations

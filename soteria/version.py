@@ -1,1 +1,3 @@
+"""The package version, read by setup.py without importing soteria."""
+
 __version__ = "0.1.0"

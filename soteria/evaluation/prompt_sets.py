@@ -29,6 +29,9 @@ What was assumed about the Hub sets (their cards could not be read from here): M
 is the wide one above. XThreatBench's layout was not confirmed, so every layout above is detected
 automatically; pass ``prompt_column=`` / ``lang_column=`` / ``split=`` / ``config=`` if detection
 picks the wrong columns. The loader reports the columns it found when it cannot decide.
+
+Over 400 lines: one entry point, :func:`load_prompts`, over every source it accepts (built-in
+sets, files, Hub datasets); each reader is short and only ever called from it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ kernel that fits it:
 
 :meth:`save` / :meth:`load` keep the kind (safetensors, keyed by checkpoint parameter name,
 metadata ``format = "soteria.harm"``). A harmful-kind file is itself a valid subset checkpoint.
+
+Over 400 lines: the public :class:`HarmVector` with the full documentation of its constructors;
+the reading and the gradients themselves are in :mod:`.checkpoint` and :mod:`.gradients`.
 """
 
 from __future__ import annotations

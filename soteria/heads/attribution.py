@@ -18,6 +18,9 @@ own group's clean prompts); under ``torch.distributed`` each rank takes every ``
 them and the results are all-reduced (:mod:`soteria.distributed`); hooks, baselines and kernels
 run on each layer's own device, so models split over devices by accelerate's ``device_map``
 (offloaded layers included) work as they are.
+
+Over 400 lines: exact patching and AtP share the hooks, batching and group means that make them
+comparable head for head; splitting them would put one algorithm in two places.
 """
 
 from __future__ import annotations
