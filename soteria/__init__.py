@@ -23,6 +23,7 @@ _LAZY = {
     "push_to_hub": "soteria.export",
     "evaluate": "soteria.evaluation",
     "EvalReport": "soteria.evaluation",
+    "tune": "soteria.tune",
 }
 
 __all__ = ["__version__", *_LAZY]

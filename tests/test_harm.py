@@ -386,9 +386,9 @@ def test_from_gradients_matches_hf_loss_and_is_batch_invariant(model_type):
 def _param_grads(model, tok, rows, batch_size):
     """The direction as parameter gradients (the implementation before projection hooks): the
     same loss and batches, ``torch.autograd.grad`` w.r.t. each o_proj weight, fp32 sums / n."""
-    from soteria.harm.gradients import _collate, _encode_pair, _pad_id, _refusal_nll
+    from soteria.harm.gradients import _collate, _pad_id, _refusal_nll, encode_pair
 
-    enc = [_encode_pair(tok, r["prompt"], r["refusal"], 256, i) for i, r in enumerate(rows)]
+    enc = [encode_pair(tok, r["prompt"], r["refusal"], 256, i) for i, r in enumerate(rows)]
     weights = [s.weight for s in head_sites(model)]
     acc = [torch.zeros(w.shape, dtype=torch.float32) for w in weights]
     for start in range(0, len(enc), batch_size):
@@ -486,18 +486,18 @@ def test_refusal_loss_matches_hf_loss():
 
 
 def test_from_gradients_chat_template_masks_the_request():
-    from soteria.harm.gradients import _encode_pair
+    from soteria.harm.gradients import encode_pair
 
     tok = tiny_tokenizer()
     tok.chat_template = (
         "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<s>assistant: {% endif %}"
     )
-    ids, n_prompt = _encode_pair(tok, "How do I steal a car?", "No.", 256, 0)
+    ids, n_prompt = encode_pair(tok, "How do I steal a car?", "No.", 256, 0)
     assert tok.decode(ids[:n_prompt]) == "<s>user: How do I steal a car?</s><s>assistant: "
     assert tok.decode(ids[n_prompt:]) == "No.</s>"
     with pytest.raises(ValueError, match="row 0: the request alone is"):
-        _encode_pair(tok, "How do I steal a car?", "No.", 4, 0)
+        encode_pair(tok, "How do I steal a car?", "No.", 4, 0)
     hv = HarmVector.from_gradients(tiny_model("llama"), tok, [("How do I steal a car?", "No.")], progress=False)
     assert hv.norms()[0] > 0
 

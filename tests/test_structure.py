@@ -24,6 +24,7 @@ LAYERS = {
     "soteria.steer": 4,
     "soteria.evaluation": 5,
     "soteria.export": 6,
+    "soteria.tune": 6,
     "soteria.cli": 7,
     "soteria.__main__": 8,
 }

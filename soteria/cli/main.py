@@ -13,7 +13,7 @@ import sys
 from ..export import SoteriaHubError
 from ..models.pretrained import FetchError
 from ..version import __version__
-from . import convert, demo, env, evaluate, heads, push, steer
+from . import convert, demo, env, evaluate, heads, push, steer, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"soteria {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (heads, steer, push, demo, convert, env, evaluate):
+    for command in (heads, steer, push, tune, demo, convert, env, evaluate):
         command.add_parser(sub)
     return parser
 

@@ -6,16 +6,40 @@ from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
 from ..export import push_to_hub, save_steered, steer_checkpoint
 from ..models.loading import load_model
 from ..steer import SoteriaPatcher
+from ..tune import load_tune_config
 from .args import add_find_args, add_model_args, harm_arg, heads_arg, parse_langs, parse_scale
 
 
+def _config_arg(args):
+    """``(config, harm)`` from ``--config`` (None, None without it); the flags it replaces are refused."""
+    if args.config is None:
+        if not args.langs:
+            raise ValueError("give --langs (or --config FILE from `soteria tune`)")
+        return None, None
+    flags = (("--heads", args.heads), ("--heads-from", args.heads_from), ("--relative-scale", args.relative_scale))
+    given = [flag for flag, v in flags if v] + (["--scale"] if args.scale != "auto" else [])
+    if given:
+        raise ValueError(f"--config gives the heads and scales; drop {', '.join(given)}")
+    config, harm = load_tune_config(args.config)
+    if args.langs and parse_langs(args.langs) != list(config.languages):
+        raise ValueError(f"--langs {' '.join(args.langs)} differ from the config's languages {config.languages}")
+    if args.harm is not None:
+        harm = harm_arg(args.harm)
+    if harm is None:
+        raise ValueError(
+            f"{args.config} names no harm vector file; give --harm (it was made with {config.harm_source})"
+        )
+    return config, harm
+
+
 def run(args) -> int:
-    langs = parse_langs(args.langs)
-    scale = parse_scale(args.scale)
+    config, config_harm = _config_arg(args)
+    langs = list(config.languages) if config else parse_langs(args.langs)
+    scale = config.scale if config else parse_scale(args.scale)
     relative = None if args.relative_scale is None else parse_scale(args.relative_scale)
     if relative is not None and (scale != "auto" or relative == "auto"):
         raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
-    heads = heads_arg(args, langs)
+    heads = {lang: [tuple(p) for p in config.heads[lang]] for lang in langs} if config else heads_arg(args, langs)
     if args.harm_gguf_file and (args.harm is None or args.harm.endswith(".safetensors")):
         raise ValueError("--harm-gguf-file names a GGUF file inside the --harm folder; give --harm FOLDER")
     if args.streaming:
@@ -24,13 +48,19 @@ def run(args) -> int:
                              "`soteria convert MODEL --gguf-file NAME --out DIR`, or drop --streaming")  # fmt: skip
         if heads is None:
             raise ValueError("--streaming edits a checkpoint without loading it: give --heads or --heads-from")
-        if args.harm is None:
+        if args.harm is None and config_harm is None:
             raise ValueError("--streaming needs --harm (a harmful fine-tune directory or a saved HarmVector)")
         if isinstance(heads, list):
             heads = {lang: heads for lang in langs}
-        out = steer_checkpoint(
-            args.model, args.out, heads=heads, harm=harm_arg(args.harm), scale=scale, overwrite=args.overwrite
+        harm = config_harm if config_harm is not None else harm_arg(args.harm)
+        out = steer_checkpoint(args.model, args.out, heads=heads, harm=harm, scale=scale, overwrite=args.overwrite)
+    elif config is not None:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
+        SoteriaPatcher.apply(model, config=config, harm=config_harm)
+        out = save_steered(
+            model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
         )
+        print(f"steered {len(config.head_union)} heads for {', '.join(langs)} (from {args.config})")
     else:
         harm = harm_arg(args.harm)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
@@ -55,7 +85,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("steer", help="steer a model and save it", description="Steer the selected heads' output "
                        "projections away from the harm direction; save as safetensors with a model card.")  # fmt: skip
     add_model_args(p)
-    p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
+    p.add_argument("--langs", nargs="+", default=None, help="language codes, e.g. hi bn (optional with --config)")
+    p.add_argument("--config", default=None, metavar="FILE", help="the chosen.json of `soteria tune` (heads, "
+                   "scales and harm vector), or a steered model's soteria_config.json with --harm")  # fmt: skip
     p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id) or a saved HarmVector "
                    "(.safetensors); default: the gradient direction from the built-in refusal data")  # fmt: skip
     p.add_argument("--harm-gguf-file", default=None, metavar="NAME", help="the harmful fine-tune is this GGUF file "

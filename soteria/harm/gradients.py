@@ -19,7 +19,7 @@ from ..models.state import frozen_eval, input_device
 from ..progress import progress_bar
 from .data import load_harmful, load_harmless, read_harmful
 
-__all__ = ["gradient_direction", "refusal_loss"]
+__all__ = ["encode_pair", "gradient_direction", "refusal_loss"]
 
 
 def gradient_direction(
@@ -42,9 +42,9 @@ def gradient_direction(
     if refusal_tokens is not None and (isinstance(refusal_tokens, bool) or not isinstance(refusal_tokens, int)
                                        or refusal_tokens < 1):  # fmt: skip
         raise ValueError(f"refusal_tokens must be a positive int or None, got {refusal_tokens!r}")
-    encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
+    encoded = [encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
                for i, r in enumerate(rows)]  # fmt: skip
-    encoded_c = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
+    encoded_c = [encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
                  for i, r in enumerate(benign)]  # fmt: skip
     device = input_device(model)
     pad = _pad_id(tokenizer)
@@ -101,7 +101,7 @@ def refusal_loss(
     more inclined to refuse. Runs under ``no_grad`` in eval mode (mode restored).
     """
     rows, _ = _rows(data, langs, batch_size, max_length)
-    encoded = [_encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
+    encoded = [encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i) for i, r in enumerate(rows)]
     device = input_device(model)
     pad = _pad_id(tokenizer)
     total = 0.0
@@ -176,7 +176,7 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _encode_pair(
+def encode_pair(
     tokenizer, prompt: str, refusal: str, max_length: int, i: int, refusal_tokens: int | None = None
 ) -> tuple[list[int], int]:
     """(token ids of request + refusal (its first ``refusal_tokens`` tokens), number of request tokens)."""

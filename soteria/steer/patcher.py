@@ -43,6 +43,7 @@ from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIV
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
 from ..heads import find_heads_multi
+from ..heads.probes import lang_list
 from .config import SoteriaConfig
 from .offload import drop_overlays, editable_weight
 from .plan import (
@@ -66,8 +67,9 @@ class SoteriaPatcher:
     @staticmethod
     def apply(
         model: nn.Module,
-        langs: str | list[str],
+        langs: str | list[str] | None = None,
         *,
+        config: SoteriaConfig | None = None,
         harm: HarmVector | str | os.PathLike | None = None,
         scale: float | dict[str, float] | str = "auto",
         relative_scale: float | dict[str, float] | None = None,
@@ -82,7 +84,12 @@ class SoteriaPatcher:
         """Steer ``model`` in place for ``langs`` and return it.
 
         Args:
-            langs: one language code or a list of them.
+            langs: one language code or a list of them (with ``config``: its languages by default).
+            config: repeat a recorded steering: the languages, heads and scales of a
+                :class:`SoteriaConfig` (a steered model's ``soteria_config.json``, or the
+                ``chosen.json`` of :func:`soteria.tune` read with
+                :func:`soteria.tune.load_tune_config`). Give ``harm`` as well: the same vector
+                gives bit-identical weights. ``heads``, ``scale`` and ``relative_scale`` must not be set.
             harm: a :class:`HarmVector`; a path or Hub id of a harmful fine-tune (or of a saved
                 vector), read with :meth:`HarmVector.from_pretrained` (``harm_kwargs`` passed on);
                 or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
@@ -114,6 +121,10 @@ class SoteriaPatcher:
         half-way the touched slices are restored, so the model is unchanged. A model that is
         already steered is refused (``SoteriaPatcher.revert(model)`` first).
         """
+        if config is not None:
+            langs, heads, scale = _from_config(config, langs, heads, scale, relative_scale, harm)
+        if langs is None:
+            raise ValueError("give the languages to steer (langs=) or a recorded config (config=)")
         inner = unwrap_model(model)
         if SoteriaPatcher.is_steered(model):
             raise ValueError(
@@ -302,3 +313,22 @@ def _restore(sites, weights: dict, saved: dict[tuple[int, int], torch.Tensor]) -
     with torch.no_grad():
         for (layer, h), orig in saved.items():
             sites[layer].head_slice(weights[layer].detach(), h).copy_(orig)
+
+
+def _from_config(config, langs, heads, scale, relative_scale, harm):
+    """``(langs, heads, scale)`` of a recorded :class:`SoteriaConfig`, after checking the call agrees."""
+    if not isinstance(config, SoteriaConfig):
+        raise ValueError(f"config must be a SoteriaConfig, got {type(config).__name__}")
+    if heads is not None or relative_scale is not None or scale != "auto":
+        raise ValueError("config= gives the heads and scales; do not pass heads=, scale= or relative_scale= too")
+    if langs is not None and lang_list(langs) != list(config.languages):
+        raise ValueError(f"langs {langs!r} differ from the config's languages {config.languages}")
+    if harm is None:
+        raise ValueError(
+            f"config= needs harm= too: the harm vector it was made with ({config.harm_source or 'unknown'})"
+        )
+    return (
+        list(config.languages),
+        {lang: list(map(tuple, config.heads[lang])) for lang in config.languages},
+        config.scale,
+    )
