@@ -35,7 +35,19 @@ setup(
     ],
     extras_require={
         "judge": ["httpx>=0.27", "tenacity>=8.2"],  # the LLM judge's HTTP client and retries
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "peft>=0.13", "scipy", "httpx>=0.27", "tenacity>=8.2"],
+        "tune": ["optuna>=4.0"],  # soteria tune: multi-objective TPE, SQLite studies
+        "datasets": ["datasets>=2.14"],  # XThreatBench / MultiJail prompts and probe pairs from the Hub
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff>=0.6",
+            "peft>=0.13",
+            "scipy",
+            "httpx>=0.27",
+            "tenacity>=8.2",
+            "optuna>=4.0",
+            "datasets>=2.14",
+        ],
     },
     entry_points={"console_scripts": ["soteria=soteria.cli:main"]},
     classifiers=[

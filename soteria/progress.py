@@ -34,6 +34,8 @@ class LogProgress:
         self._start = self._last = time.monotonic()
         self._next_pct = every
         self._closed = False
+        if total:  # a first line at once, so a log shows the step has started
+            print(f"{desc}: 0/{total} {unit}, starting", file=self.file, flush=True)
 
     def _line(self) -> str:
         elapsed = time.monotonic() - self._start

@@ -19,19 +19,45 @@ def test_directory_appears_complete_or_not_at_all(tmp_path):
         assert not out.exists() and tmp.name.startswith(".out.tmp-")
     assert _names(tmp_path) == ["out"] and (out / "a.txt").read_text() == "a"
 
-    with pytest.raises(RuntimeError, match="boom"), atomic_directory(out, overwrite=True) as tmp:
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(out, overwrite=True, ours="a.txt") as tmp:
         (tmp / "b.txt").write_text("b")
         raise RuntimeError("boom")
     assert _names(tmp_path) == ["out"] and _names(out) == ["a.txt"]  # the old one, untouched; no leftovers
 
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, ours="a.txt") as tmp:
         (tmp / "c.txt").write_text("c")
     assert _names(tmp_path) == ["out"] and _names(out) == ["c.txt"]
 
 
+def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path):
+    """Only an empty folder, or one holding the caller's marker file, is replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for ours in (None, "soteria_config.json"):
+        with (
+            pytest.raises(FileExistsError, match="holds files this did not write"),
+            atomic_directory(out, overwrite=True, ours=ours),
+        ):
+            pass
+    assert _names(out) == ["notes.txt"] and _names(tmp_path) == ["out"]
+    (out / "notes.txt").unlink()
+    with atomic_directory(out, overwrite=True) as tmp:  # an empty folder may go
+        (tmp / "x").write_text("x")
+    assert _names(out) == ["x"]
+
+
+def test_leftovers_of_killed_runs_are_reported_not_deleted(tmp_path):
+    stale = tmp_path / ".out.tmp-deadbeef"
+    stale.mkdir()
+    with pytest.warns(UserWarning, match="interrupted runs"), atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    assert stale.is_dir() and (tmp_path / "out" / "a").is_file()
+
+
 def test_directory_refusals(tmp_path):
     (tmp_path / "taken").mkdir()
-    with pytest.raises(FileExistsError, match="overwrite=True"), atomic_directory(tmp_path / "taken"):
+    with pytest.raises(FileExistsError, match="already exists"), atomic_directory(tmp_path / "taken"):
         pass
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"), atomic_directory(tmp_path / "file", overwrite=True):

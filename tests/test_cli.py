@@ -146,7 +146,7 @@ def test_models_by_hub_id_and_tiny_in_every_command(tmp_path, capsys, monkeypatc
         capsys, "steer", "someone/tiny-llama", "--langs", "hi", "--heads", "0:1", "--out", str(tmp_path / "s")
     )
     assert code == 0, err
-    assert "steered 1 heads for hi" in out
+    assert "steered 1 head for hi" in out
     code, out, err = _run(
         capsys, "eval", "tiny:llama", "--steered", str(tmp_path / "s"), "--langs", "hi", "--limit", "1",
         "--max-new-tokens", "2", "--no-utility", "--no-progress", "--out", str(tmp_path / "e"),

@@ -166,11 +166,14 @@ def test_refusals(tmp_path, monkeypatch):
     model, _ = _steered()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="already exists"):
         save_steered(model, tmp_path / "taken")
+    with pytest.raises(FileExistsError, match="holds files this did not write"):  # not ours: never replaced
+        save_steered(model, tmp_path / "taken", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
-    save_steered(model, tmp_path / "taken", overwrite=True)
-    assert not (tmp_path / "taken" / "keep.txt").exists() and (tmp_path / "taken" / "soteria_config.json").is_file()
+    save_steered(model, tmp_path / "ours")
+    save_steered(model, tmp_path / "ours", overwrite=True)  # an earlier soteria output is replaced
+    assert (tmp_path / "ours" / "soteria_config.json").is_file()
     assert _leftovers(tmp_path) == []
 
 

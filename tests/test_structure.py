@@ -15,6 +15,7 @@ LAYERS = {
     "soteria_kernels": 0,
     "soteria.version": 1,
     "soteria.defaults": 1,
+    "soteria.langs": 1,
     "soteria.progress": 1,
     "soteria.io": 1,
     "soteria.arch": 1,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
+from pathlib import Path
 
 from ..defaults import DEFAULT_TOP_K
 from ..harm import HarmVector
 from ..heads import HeadScores
+from ..langs import lang_list
 
 __all__ = [
     "add_find_args",
@@ -28,7 +32,7 @@ def parse_langs(values: list[str]) -> list[str]:
     langs = [x for v in values for x in re.split(r"[,\s]+", v) if x]
     if not langs:
         raise ValueError("give at least one language with --langs (e.g. --langs hi bn)")
-    return langs
+    return lang_list(langs)
 
 
 def parse_scale(text: str):
@@ -54,7 +58,13 @@ def parse_scale(text: str):
 
 
 def parse_top_k(text: str):
-    value = float(text)
+    """``--top-k``: a head count (``32``) or a fraction of all heads (``0.2``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a head count (32) or a fraction of all heads (0.2), got {text!r}"
+        ) from None
     return int(value) if value >= 1 and value.is_integer() else value
 
 
@@ -73,7 +83,9 @@ def heads_arg(args, langs):
     """Explicit heads from --heads or --heads-from score files, or None (find them)."""
     if args.heads and args.heads_from:
         raise ValueError("give --heads or --heads-from, not both")
-    if args.heads:
+    if args.heads is not None:
+        if not args.heads.strip():
+            raise ValueError("--heads is empty; give LAYER:HEAD pairs (e.g. 3:1,5:0), or drop it to find the heads")
         return parse_heads(args.heads)
     if args.heads_from:
         found = {}
@@ -132,3 +144,29 @@ def add_find_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_TOP_K,
         help=f"heads per language: a count or a fraction of all heads (default {DEFAULT_TOP_K:g})",
     )
+
+
+def check_writable(out: str) -> Path:
+    """``--out`` for commands that write files into a folder: an existing folder must be writable,
+    a new one must have a writable parent. Checked before any work."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {path} is a file; give a folder")
+    probe = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {path}: cannot write to {probe}")
+    return path
+
+
+def check_scale_arg(scale, langs: list[str]) -> None:
+    """``--scale`` values against ``--langs``, before the model loads."""
+    if isinstance(scale, dict):
+        extra = [x for x in scale if x not in langs]
+        if extra:
+            raise ValueError(f"--scale names {', '.join(extra)}, which --langs does not ({' '.join(langs)})")
+        values = scale.values()
+    else:
+        values = [] if scale == "auto" else [scale]
+    for v in values:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"--scale {v} is not a number >= 0 (a negative scale adds the harm direction)")

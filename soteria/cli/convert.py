@@ -10,9 +10,9 @@ from ..models.loading import load_model
 
 def run(args) -> int:
     out = Path(args.out)
-    check_target(out, args.overwrite)
+    check_target(out, args.overwrite, ours="config.json")
     model, tokenizer = load_model(args.model, dtype=args.dtype, gguf_file=args.gguf_file)
-    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with atomic_directory(out, overwrite=args.overwrite, ours="config.json") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())

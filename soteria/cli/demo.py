@@ -30,7 +30,7 @@ from ..export import CONFIG_NAME, save_steered
 from ..export.damage import harmless_kl
 from ..harm import HarmVector, refusal_loss
 from ..harm.data import load_harmful
-from ..heads import find_heads
+from ..heads import find_heads_multi
 from ..models.pretrained import MODELS, load_pretrained
 from ..models.tiny import tiny_model, tiny_tokenizer
 from ..steer import SoteriaPatcher
@@ -199,16 +199,16 @@ def run_tiny_demo(
         model = tiny_model("llama", **DEMO_MODEL)
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
     refusals = {lang: load_harmful(lang) for lang in langs}
+    find = dict(n_shots=n_shots, n_trials=n_trials)
     with _stage(times, "find heads"):
-        scores = {
-            lang: find_heads(model, tokenizer, lang, n_shots=n_shots, n_trials=n_trials, cache=False) for lang in langs
-        }
-        heads = {lang: s.top(top_k) for lang, s in scores.items()}
+        # Cached, so that apply below finds the same heads without a second search (and records them as found).
+        scores = find_heads_multi(model, tokenizer, langs, stop_k=top_k, **find)
     with _stage(times, "harm direction"):
         harm = HarmVector.from_gradients(model, tokenizer, langs=langs)
     loss_before = {lang: refusal_loss(model, tokenizer, refusals[lang]) for lang in langs}
     with _stage(times, "steer"):
-        SoteriaPatcher.apply(model, langs, heads=heads, harm=harm, scale=scale, tokenizer=tokenizer)
+        SoteriaPatcher.apply(model, langs, harm=harm, scale=scale, tokenizer=tokenizer, top_k=top_k, find_kwargs=find)
+    heads = SoteriaPatcher.config(model).heads
     loss_after = {lang: refusal_loss(model, tokenizer, refusals[lang]) for lang in langs}
     with _stage(times, "save"):
         save_steered(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)

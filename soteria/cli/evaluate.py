@@ -12,14 +12,15 @@ never from the command line, so it stays out of shell history and process listin
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 from typing import Any
 
 import torch
 
 from ..evaluation import evaluate, load_prompts, make_judge
+from ..evaluation.runner import CHART_FILE, GENERATIONS_FILE, JUDGMENTS_FILE, REPORT_FILE, TABLE_FILE
 from ..models.loading import check_device, check_source, load_causal_lm, load_tokenizer
-from .args import non_negative, parse_langs, positive_int
+from .args import check_writable, non_negative, parse_langs, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     Everything cheap (prompts, judge, device, model names) is checked before the models load.
     """
-    out = Path(args.out)
+    out = check_writable(args.out)
     judge_kwargs: dict[str, Any] = {}
     if args.judge == "llm":
         judge_kwargs = dict(
@@ -177,5 +178,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(report.table())
-    print(f"\nwrote {out / 'report.json'}, {out / 'asr.png'}, {out / 'judgments.jsonl'}")
+    names = (GENERATIONS_FILE, JUDGMENTS_FILE, REPORT_FILE, CHART_FILE, TABLE_FILE)
+    print(f"\nwrote {', '.join(str(out / n) for n in names)}")
+    pooled = report.overall()
+    counts = [c for c in (pooled.before, pooled.after) if c is not None]
+    if any(c.n and c.unparsed == c.n for c in counts):
+        print(f"soteria eval: warning: the judge labelled no answer ({judge.name}); every verdict is 'unparsed'. "
+              f"The errors are in {out / JUDGMENTS_FILE}", file=sys.stderr)  # fmt: skip
+        return 1
     return 0

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import torch.distributed
 
+from ..arch import num_layers_heads
 from ..heads import distributed, find_heads_multi
+from ..heads.scores import resolve_k
+from ..heads.search import AUTO_MAX_TRIALS, AUTO_STEP
 from ..models.loading import load_model
-from .args import add_find_args, add_model_args, parse_langs, positive_int
+from .args import add_find_args, add_model_args, check_writable, parse_langs, positive_int
+
+
+def _trials(text: str) -> int | str:
+    return text if text == "auto" else positive_int(text)
 
 
 def run(args) -> int:
     """All languages in shared batches; under torchrun the prompts are sharded over the ranks
     and only rank 0 writes files, prints and shows the progress bar."""
     langs = parse_langs(args.langs)
+    out = check_writable(args.out)
     owns_group = distributed.init_from_env()
     try:
         device = args.device
@@ -27,13 +35,13 @@ def run(args) -> int:
             if device == "cuda":
                 device = str(distributed.local_device())
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, gguf_file=args.gguf_file)
+        resolve_k(args.top_k, math.prod(num_layers_heads(model)))  # --top-k fits the model, before the work
         found = find_heads_multi(
             model, tokenizer, langs, method=args.method, tasks=args.tasks, n_shots=args.n_shots,
             n_trials=args.n_trials, seed=args.seed, batch_size=args.batch_size, cache=not args.no_cache,
         )  # fmt: skip
         if not distributed.is_main_process():
             return 0
-        out = Path(args.out)
         for lang in langs:
             scores = found[lang]
             json_path = scores.save(out / f"heads_{lang}.json")
@@ -56,9 +64,10 @@ def add_parser(sub) -> None:
     p.add_argument("--langs", nargs="+", required=True, help="language codes, e.g. hi bn")
     add_find_args(p)
     p.add_argument("--tasks", nargs="+", default=None, help="built-in task names (default: all)")
-    p.add_argument("--n-shots", type=int, default=10)
-    p.add_argument("--n-trials", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-shots", type=positive_int, default=10, help="demonstrations per few-shot prompt (default 10)")
+    p.add_argument("--n-trials", type=_trials, default="auto", help="prompts per task, or auto (default): rounds "
+                   f"of {AUTO_STEP} until the top-k set is stable, at most {AUTO_MAX_TRIALS}")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt sampling (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="prompts per forward pass (default: auto)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
     p.add_argument("--out", default="soteria-heads", help="output directory (default: soteria-heads)")

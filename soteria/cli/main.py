@@ -17,8 +17,9 @@ from . import convert, demo, env, evaluate, heads, push, steer, tune
 
 __all__ = ["build_parser", "main"]
 
-#: A user's mistake or a Hub refusal (bad token, missing repo): one line, exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, SoteriaHubError, FetchError)
+#: A user's mistake, a Hub refusal (bad token, missing repo) or a missing extra: one line, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ImportError,
+               SoteriaHubError, FetchError)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("SOTERIA_DEBUG"):
             raise
-        msg = str(e)
-        print(f"soteria {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        # One line, all of it: a list of problems ("...:\n  - a\n  - b") becomes "...: a; b".
+        lines = [line.strip().removeprefix("- ") for line in str(e).splitlines() if line.strip()]
+        msg = (lines[0] + " " + "; ".join(lines[1:])) if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        print(f"soteria {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
-from ..export import push_to_hub, save_steered, steer_checkpoint
+from ..export import CONFIG_NAME, push_to_hub, save_steered, steer_checkpoint
+from ..io.atomic import check_target
 from ..models.loading import load_model
 from ..steer import SoteriaPatcher
 from ..tune import load_tune_config
-from .args import add_find_args, add_model_args, harm_arg, heads_arg, parse_langs, parse_scale
+from .args import add_find_args, add_model_args, check_scale_arg, harm_arg, heads_arg, parse_langs, parse_scale
 
 
 def _config_arg(args):
@@ -32,6 +36,10 @@ def _config_arg(args):
     return config, harm
 
 
+def _heads(n: int) -> str:
+    return f"{n} head{'s' if n != 1 else ''}"
+
+
 def run(args) -> int:
     config, config_harm = _config_arg(args)
     langs = list(config.languages) if config else parse_langs(args.langs)
@@ -40,6 +48,8 @@ def run(args) -> int:
     if relative is not None and (scale != "auto" or relative == "auto"):
         raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
     heads = {lang: [tuple(p) for p in config.heads[lang]] for lang in langs} if config else heads_arg(args, langs)
+    check_scale_arg(scale, langs)
+    check_target(Path(os.path.abspath(args.out)), args.overwrite, ours=CONFIG_NAME)  # before the model loads
     if args.harm_gguf_file and (args.harm is None or args.harm.endswith(".safetensors")):
         raise ValueError("--harm-gguf-file names a GGUF file inside the --harm folder; give --harm FOLDER")
     if args.streaming:
@@ -54,13 +64,14 @@ def run(args) -> int:
             heads = {lang: heads for lang in langs}
         harm = config_harm if config_harm is not None else harm_arg(args.harm)
         out = steer_checkpoint(args.model, args.out, heads=heads, harm=harm, scale=scale, overwrite=args.overwrite)
+        print(f"steered {_heads(len({tuple(p) for pairs in heads.values() for p in pairs}))} for {', '.join(langs)}")
     elif config is not None:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
         SoteriaPatcher.apply(model, config=config, harm=config_harm)
         out = save_steered(
             model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
         )
-        print(f"steered {len(config.head_union)} heads for {', '.join(langs)} (from {args.config})")
+        print(f"steered {_heads(len(config.head_union))} for {', '.join(langs)} (from {args.config})")
     else:
         harm = harm_arg(args.harm)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
@@ -73,7 +84,7 @@ def run(args) -> int:
         out = save_steered(
             model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
         )
-        print(f"steered {len(config.head_union)} heads for {', '.join(langs)}")
+        print(f"steered {_heads(len(config.head_union))} for {', '.join(langs)}")
     print(f"wrote {out}")
     if args.push:
         info = push_to_hub(out, args.push, private=not args.public, token=args.token)

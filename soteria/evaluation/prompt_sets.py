@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.hub import looks_like_repo_id
+from ..langs import LANG_CODE, PAPER_ORDER, in_paper_order
 
 __all__ = [
     "HUB_PRESETS",
@@ -63,7 +64,6 @@ __all__ = [
     "smoke_prompts",
 ]
 
-PAPER_ORDER: tuple[str, ...] = ("en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te")
 
 # name -> (repo id, config, split). None: detect.
 HUB_PRESETS: dict[str, tuple[str, str | None, str | None]] = {
@@ -123,7 +123,6 @@ _NAMES = {
     "العربية": "ar",
     "български": "bg",
 }
-_CODE = re.compile(r"^([a-z]{2,3})(?:[-_][a-z0-9]{2,8})*$")
 
 
 @dataclass(frozen=True)
@@ -147,9 +146,9 @@ def normalize_lang(value: Any) -> str | None:
     v = value.strip().lower()
     if v in _NAMES:
         return _NAMES[v]
-    m = _CODE.match(v)
-    if m and (m.group(1) in _NAMES.values() or m.group(1) in PAPER_ORDER):
-        return m.group(1)
+    base = re.split(r"[-_]", v)[0]
+    if LANG_CODE.fullmatch(v) and (base in _NAMES.values() or base in PAPER_ORDER):
+        return base
     return None
 
 
@@ -167,8 +166,7 @@ def _shipped() -> tuple[str, ...]:
     if not folder.is_dir():
         return ()
     codes = {p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json") and p.name != "refusals.json"}
-    known = [c for c in PAPER_ORDER if c in codes]
-    return tuple(known + sorted(codes - set(known)))
+    return in_paper_order(codes)
 
 
 def eval_languages() -> list[str]:

@@ -29,7 +29,7 @@ def _check_folder(folder: Path) -> SoteriaConfig:
     if missing:
         raise ValueError(
             f"{folder} is not a soteria output (missing {', '.join(missing)}); "
-            "write it with soteria.save_steered or soteria.steer_checkpoint"
+            "push a folder written by `soteria steer` (save_steered / steer_checkpoint in Python)"
         )
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name)]
     if leftovers:

@@ -24,7 +24,7 @@ from ..io.hub import hub_repo_id
 from ..io.safetensors import add_metadata
 from ..models.gguf import dequantized
 from ..steer import SoteriaPatcher
-from .card import METADATA_KEY, model_card, write_soteria_config
+from .card import CONFIG_NAME, METADATA_KEY, model_card, write_soteria_config
 from .damage import damage_check
 
 __all__ = ["save_steered"]
@@ -78,13 +78,13 @@ def save_steered(
     if base_model is None:
         base_model = hub_repo_id(getattr(inner.config, "name_or_path", None))
     out = Path(os.path.abspath(out_dir))
-    check_target(out, overwrite)  # before the KL measurement and the save
+    check_target(out, overwrite, ours=CONFIG_NAME)  # before the KL measurement and the save
     dequantized(inner)  # a GGUF-loaded model holds plain weights; drop its quantization record
     damage = None
     if tokenizer is not None and SoteriaPatcher.has_originals(model):
         damage = damage_check(model, tokenizer, list(config.languages), max_kl=max_kl, force=force)
     meta = {METADATA_KEY: config.to_json(indent=None)}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, ours=CONFIG_NAME) as tmp:
         inner.save_pretrained(tmp, max_shard_size=max_shard_size)
         for shard in shard_files(tmp):
             add_metadata(shard, meta)

@@ -36,14 +36,14 @@ import soteria_kernels
 
 from ..arch import head_sites
 from ..harm import HarmVector
-from ..io.atomic import atomic_directory
+from ..io.atomic import atomic_directory, check_target
 from ..io.checkpoint import OTHER_WEIGHTS, checkpoint_shards, find_key
 from ..io.hub import hub_repo_id
 from ..io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safetensors
 from ..progress import progress_bar
 from ..steer.config import SoteriaConfig
 from ..steer.plan import check_plan, layer_plan, operand_dtype
-from .card import METADATA_KEY, model_card, write_soteria_config
+from .card import CONFIG_NAME, METADATA_KEY, model_card, write_soteria_config
 
 __all__ = ["steer_checkpoint"]
 
@@ -100,10 +100,9 @@ def _check_paths(base: Path, out: Path, harm, overwrite: bool) -> None:
     if out_r == base_r or base_r in out_r.parents:
         raise ValueError(f"out_dir {out} must be outside base_dir {base}: the source is never written to")
     if os.path.lexists(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; choose a new directory or pass overwrite=True")
-        if out_r in base_r.parents:
-            raise ValueError(f"overwrite=True would delete {out}, which contains base_dir {base}")
+        if overwrite and out_r in base_r.parents:
+            raise ValueError(f"replacing {out} would delete base_dir {base}, which it contains")
+        check_target(out, overwrite, ours=CONFIG_NAME)
     if isinstance(harm, (str, os.PathLike)) and Path(harm).exists():
         harm_r = Path(harm).resolve()
         if harm_r == out_r or (overwrite and out_r in harm_r.parents):
@@ -251,7 +250,7 @@ def steer_checkpoint(
     meta = {METADATA_KEY: plan.record.to_json(indent=None)}
     shard_names = set(plan.shards)
     skipped: list[str] = []
-    with atomic_directory(plan.out, overwrite=overwrite) as tmp:
+    with atomic_directory(plan.out, overwrite=overwrite, ours=CONFIG_NAME) as tmp:
         _carry_files(plan.base, tmp, shard_names, skipped)
         for name in progress_bar(sorted(shard_names), desc="steer shards", unit="shard", enabled=progress):
             dst = tmp / name

@@ -18,11 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..langs import in_paper_order
+
 __all__ = ["harmful_languages", "load_harmful", "load_harmless", "read_harmful"]
 
 _FIELDS = ("prompt", "refusal")
-# The paper's order: high (en zh fr de es), mid (ar bg th hi), low (bn ta te) resource.
-_ORDER = ("en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te")
 
 
 def _data_dir():
@@ -35,8 +35,7 @@ def _shipped() -> tuple[str, ...]:
     if not folder.is_dir():
         return ()
     codes = {p.name[: -len(".jsonl")] for p in folder.iterdir() if p.name.endswith(".jsonl")}
-    known = [c for c in _ORDER if c in codes]
-    return tuple(known + sorted(codes - set(known)))
+    return in_paper_order(codes)
 
 
 def harmful_languages() -> list[str]:

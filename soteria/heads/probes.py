@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..langs import PAPER_ORDER, in_paper_order
+
 __all__ = [
     "GROUPS",
     "PAPER_ORDER",
@@ -37,8 +39,6 @@ __all__ = [
     "tasks",
 ]
 
-# The twelve languages of the paper, in its order (high, mid, low resource).
-PAPER_ORDER: tuple[str, ...] = ("en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te")
 
 # Resource groups and the reference's vote thresholds: a head enters a group's set when it is
 # in at least ``VOTE_THRESHOLDS[group]`` of the group's language sets (METHOD.md, Step 1).
@@ -73,8 +73,7 @@ def _shipped() -> tuple[str, ...]:
     if not folder.is_dir():
         return ()
     codes = {p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and p.is_file()}
-    known = [c for c in PAPER_ORDER if c in codes]
-    return tuple(known + sorted(codes - set(known)))
+    return in_paper_order(codes)
 
 
 def languages() -> list[str]:
@@ -87,8 +86,8 @@ def _unknown_language(lang: Any) -> ValueError:
     shipped = ", ".join(_shipped()) or "(none installed)"
     return ValueError(
         f"unknown probe language {lang!r}. Built-in languages: {shipped}. "
-        "To use another language (or your own tasks), bring your own data: pass "
-        'tasks={"my_task": "path.jsonl"} to find_heads (JSON, JSONL, CSV or a datasets.Dataset '
+        "Another language (or your own tasks) needs your own probe data, given in Python: "
+        'find_heads(model, tok, lang, tasks={"my_task": "path.jsonl"}) (JSON, JSONL, CSV or a datasets.Dataset '
         'with "input" and "output" columns).'
     )
 
@@ -335,19 +334,3 @@ def resolve_tasks(lang: str, tasks: Any = None) -> dict[str, list[Pair]]:
             f"got {type(tasks).__name__}"
         )
     return {name: load_task(lang, name) for name in names}
-
-
-def lang_list(langs: Any) -> list[str]:
-    """``langs`` (one code or a sequence of codes) as a non-empty list of distinct codes; ValueError otherwise."""
-    if isinstance(langs, str):
-        langs = [langs]
-    try:
-        out = list(langs)
-    except TypeError:
-        raise ValueError(f"langs must be a language code or a list of them, got {type(langs).__name__}") from None
-    if not out or not all(isinstance(x, str) and x.strip() for x in out):
-        raise ValueError(f"langs must be a non-empty list of language codes, got {langs!r}")
-    repeated = sorted({x for x in out if out.count(x) > 1})
-    if repeated:
-        raise ValueError(f"langs repeat: {', '.join(repeated)}")
-    return out

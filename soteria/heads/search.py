@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from ..arch import head_sites, unwrap_model
+from ..langs import lang_list
 from ..progress import progress_bar
 from ..version import __version__
 from . import attribution
 from .cache import cache_dir, cache_key, model_fingerprint
 from .distributed import all_gather_object, broadcast_object, resolve
-from .probes import lang_list, resolve_tasks
+from .probes import resolve_tasks
 from .prompts import build_prompts, encode_batch
 from .scores import HeadScores, resolve_k
 
@@ -116,6 +117,35 @@ def _prompts_digest(tokenizer, built: dict[str, Any]) -> str:
                 h.update(b"|")
         h.update(torch.tensor(list(pp.target_ids), dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
+
+
+def _context(model: nn.Module) -> int | None:
+    """The model's position limit from its config (None when it has none)."""
+    config = getattr(unwrap_model(model), "config", None)
+    get = getattr(config, "get_text_config", None)
+    config = get() if callable(get) else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _check_context(model: nn.Module, tokenizer, built: dict[str, dict[str, Any]], n_shots: int) -> None:
+    """ValueError naming ``n_shots`` when a prompt is longer than the model's positions, before any work."""
+    limit = _context(model)
+    if limit is None:
+        return
+    longest, where = 0, ""
+    for lang, tasks in built.items():
+        for name, pp in tasks.items():
+            rows = [p for p in (*pp.clean, *pp.corrupted) if isinstance(p, str)]
+            n = max((len(r) for r in tokenizer(rows, add_special_tokens=True)["input_ids"]), default=0)
+            if n > longest:
+                longest, where = n, f"{lang}/{name}"
+    if longest > limit:
+        raise ValueError(f"the {n_shots}-shot prompts reach {longest} tokens ({where}), past this model's {limit} "
+                         "positions; use fewer shots (n_shots=, --n-shots)")  # fmt: skip
 
 
 def find_heads(
@@ -232,6 +262,7 @@ def find_heads_multi(
         for name, pp in built[lang].items():
             if not pp.corrupted:
                 raise ValueError(f"task {name!r} of {lang!r} gave no usable prompts")
+    _check_context(model, tokenizer, built, n_shots)
 
     sites = head_sites(model)
     if cache and any(site.weight.device.type == "meta" for site in sites):

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,23 +55,33 @@ def fsync_tree(root: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False, ours: str | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes ``target`` when the block succeeds.
 
     ``target`` must not exist unless ``overwrite=True`` (then an existing directory is replaced:
     it is moved aside, the new one renamed in, the old one deleted; the only moment neither
-    exists is between two renames). ``FileExistsError`` if it exists otherwise, or is a file.
+    exists is between two renames), and only an empty directory or one holding the file
+    ``ours`` (what marks an output of the caller's kind) is ever replaced (:func:`check_target`).
     On any exception the temporary directory is deleted and the exception propagates.
+    Leftovers of runs killed before they could clean up (``.name.tmp-*``) are reported with a
+    warning, never deleted: another process may be writing them.
     """
     target = Path(os.path.abspath(target))
-    check_target(target, overwrite)
+    check_target(target, overwrite, ours=ours)
+    stale = sorted(p.name for p in target.parent.glob(f".{target.name}.tmp-*")) if target.parent.is_dir() else []
+    if stale:
+        warnings.warn(
+            f"{target.parent} holds {len(stale)} temporary folder(s) of interrupted runs writing {target.name} "
+            f"({', '.join(stale[:3])}); remove them if no other run is writing there",
+            stacklevel=3,
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     os.mkdir(tmp)
     try:
         yield tmp
         fsync_tree(tmp)
-        check_target(target, overwrite)  # again: something may have appeared meanwhile
+        check_target(target, overwrite, ours=ours)  # again: something may have appeared meanwhile
         if os.path.lexists(target):
             old = _sibling(target, "old")
             os.rename(target, old)
@@ -88,14 +99,22 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """FileExistsError unless ``target`` is free, or an existing directory and ``overwrite``."""
+def check_target(target: Path, overwrite: bool, *, ours: str | None = None) -> None:
+    """FileExistsError unless ``target`` is free, or ``overwrite`` and it is a directory that is
+    empty or holds ``ours`` (so a folder of someone else's files is never replaced)."""
+    target = Path(target)
     if not os.path.lexists(target):
         return
     if not overwrite:
-        raise FileExistsError(f"{target} already exists; choose a new directory or pass overwrite=True")
+        raise FileExistsError(f"{target} already exists; choose a new directory, or allow replacing it "
+                              "(overwrite=True, --overwrite)")  # fmt: skip
     if target.is_symlink() or not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; overwrite=True replaces directories only")
+        raise FileExistsError(f"{target} exists and is not a directory; only directories are replaced")
+    names = sorted(p.name for p in target.iterdir())
+    if names and (ours is None or ours not in names):
+        what = f"it has no {ours}" if ours else "it is not empty"
+        raise FileExistsError(f"{target} holds files this did not write ({', '.join(names[:4])}; {what}); "
+                              "choose a new directory, or remove it yourself")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .gguf import check_gguf_file, dequantized, is_gguf_config, strip_gguf_config
 from .pretrained import MODELS, fetch
 from .tiny import tiny_model, tiny_tokenizer
@@ -176,6 +178,9 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load {what} {spec!r}: {_first_line(e)}") from None
+    except SafetensorError as e:
+        raise ValueError(f"cannot load {what} {spec!r}: a safetensors file is corrupt or cut short ({e}); "
+                         "download or save it again") from None  # fmt: skip
     return dequantized(model).eval()
 
 

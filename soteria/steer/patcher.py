@@ -43,7 +43,7 @@ from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIV
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
 from ..heads import find_heads_multi
-from ..heads.probes import lang_list
+from ..langs import lang_list
 from .config import SoteriaConfig
 from .offload import drop_overlays, editable_weight
 from .plan import (
@@ -93,8 +93,8 @@ class SoteriaPatcher:
             harm: a :class:`HarmVector`; a path or Hub id of a harmful fine-tune (or of a saved
                 vector), read with :meth:`HarmVector.from_pretrained` (``harm_kwargs`` passed on);
                 or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
-                steered languages (all twelve if none of them is built in), by default with the
-                built-in harmless contrast set and the first 4 refusal tokens
+                steered languages (a language without it needs ``harm`` or ``harm_kwargs={"data": ...}``),
+                by default with the built-in harmless contrast set and the first 4 refusal tokens
                 (:mod:`soteria.defaults`; ``harm_kwargs`` override). None needs ``tokenizer``.
             scale: ``lambda``, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for a
                 harmful fine-tune (the paper's form), and for a direction (``harm=None``: the
@@ -129,7 +129,7 @@ class SoteriaPatcher:
         if SoteriaPatcher.is_steered(model):
             raise ValueError(
                 "this model is already steered by soteria (config.soteria is set); "
-                "call SoteriaPatcher.revert(model) first, or start from the base model"
+                "start from the base model (in Python, SoteriaPatcher.revert(model) restores it)"
             )
         sites = head_sites(model)
         n_layers, n_heads = len(sites), sites[0].num_heads
@@ -146,6 +146,13 @@ class SoteriaPatcher:
         if harm is None:
             if tokenizer is None:
                 raise ValueError("harm=None derives the harm direction from gradients and needs tokenizer=")
+            missing = [x for x in langs if x not in harmful_languages()]
+            if missing and "data" not in harm_kwargs and "langs" not in harm_kwargs:
+                raise ValueError(
+                    f"no built-in refusal data for {', '.join(missing)} (built in: {', '.join(harmful_languages())}); "
+                    "give harm= (a harmful fine-tune or a HarmVector) or your own refusal pairs "
+                    "(harm_kwargs={'data': ...})"
+                )
         elif isinstance(harm, (str, os.PathLike)):
             harm = HarmVector.from_pretrained(harm, base=model, **harm_kwargs)
         elif not isinstance(harm, HarmVector):
@@ -164,8 +171,7 @@ class SoteriaPatcher:
 
         if harm is None:
             if "data" not in harm_kwargs and "langs" not in harm_kwargs:
-                built_in = [x for x in langs if x in harmful_languages()]
-                harm_kwargs["langs"] = built_in or None
+                harm_kwargs["langs"] = langs
             if harm_kwargs.get("data") is None:
                 harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
             harm_kwargs.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)

@@ -7,6 +7,7 @@ cast exactly alike to give the same bytes: :func:`check_plan`, :func:`layer_plan
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -16,7 +17,8 @@ from torch import nn
 from ..arch import head_sites, unwrap_model
 from ..harm import HarmVector
 from ..heads.attribution import METHODS
-from ..heads.probes import lang_list, languages
+from ..heads.probes import languages
+from ..langs import lang_list
 from .config import SoteriaConfig
 from .offload import drop_overlays, editable_weight
 
@@ -79,8 +81,7 @@ def layer_plan(config: SoteriaConfig) -> dict[int, tuple[list[int], list[float]]
 
 
 def check_scale(scale: Any, langs: list[str]) -> float | dict[str, float] | str:
-    import math
-
+    """``scale`` checked: ``"auto"``, or finite floats >= 0 (a negative scale would add the harm direction)."""
     if isinstance(scale, str):
         if scale != "auto":
             raise ValueError(f"scale must be a finite float, {{lang: float}} or 'auto', got {scale!r}")
@@ -89,6 +90,8 @@ def check_scale(scale: Any, langs: list[str]) -> float | dict[str, float] | str:
     def one(v, what):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
             raise ValueError(f"{what} must be a finite float, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{what} is {v}: a negative scale adds the harm direction instead of removing it")
         return float(v)
 
     if isinstance(scale, dict):
@@ -102,6 +105,9 @@ def check_scale(scale: Any, langs: list[str]) -> float | dict[str, float] | str:
 
 def check_relative(relative: Any, langs: list[str]) -> float | dict[str, float]:
     """A positive relative scale, one or per language; ValueError otherwise."""
+    values = relative.values() if isinstance(relative, dict) else [relative]
+    if any(isinstance(v, numbers.Real) and not isinstance(v, bool) and v <= 0 for v in values):
+        raise ValueError(f"relative_scale must be a positive float or {{lang: positive float}}, got {relative!r}")
     checked = check_scale(relative, langs)
     values = checked.values() if isinstance(checked, dict) else [checked]
     if isinstance(checked, str) or not all(v > 0 for v in values):

@@ -36,8 +36,8 @@ from ..evaluation.utility import steering_kl
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
 from ..heads import HeadScores, find_heads_multi
-from ..heads.probes import lang_list
 from ..io.atomic import atomic_write_text
+from ..langs import lang_list
 from ..progress import progress_bar
 from ..steer import SoteriaConfig, SoteriaPatcher
 from ..version import __version__
@@ -226,7 +226,7 @@ def tune(
     out = Path(out_dir)
     _check_out(out)
     if SoteriaPatcher.is_steered(model):
-        raise ValueError("tune needs the base model; SoteriaPatcher.revert(model) first")
+        raise ValueError("tune needs the base model, not a steered one (SoteriaPatcher.revert(model) restores it)")
 
     times, t0 = {}, time.perf_counter()
     if scores is None:
