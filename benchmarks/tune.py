@@ -12,7 +12,10 @@ What it runs (one process, CPU threads as set by torch, greedy decoding, the cha
    and its held-out verification (22 harmful and 20 harmless prompts per language, full
    generation of ``--verify-tokens`` tokens, refusal-phrase judge) of the base model, the
    defaults (``top_k=0.2``, relative scale 0.004) and the chosen point;
-2. the proxy's agreement with full generation: for ``--validate`` trials spread over the
+2. the matched point: the study's lowest proxy harmfulness at no more (proxy) KL than the
+   defaults' own, verified on the held-out split the same way: the fair comparison with the
+   defaults;
+3. the proxy's agreement with full generation: for ``--validate`` trials spread over the
    study, the tuning prompts are answered at full length (``--verify-tokens``) and judged:
    Spearman's rho between the proxy's and the judged harmfulness over trials (per language),
    and how often the 8-token verdict equals the full-length verdict per prompt.
@@ -39,8 +42,8 @@ from soteria.evaluation.generation import format_inputs, generate_texts
 from soteria.evaluation.judges import RefusalJudge
 from soteria.evaluation.prompt_sets import EvalPrompt
 from soteria.models.pretrained import load_pretrained
-from soteria.tune import load_tune_config, tune
-from soteria.tune.study import apply_point, splits
+from soteria.tune import choose, load_tune_config, tune
+from soteria.tune.study import apply_point, heldout_check, splits
 
 
 def _judged(model, tok, prompts: dict[str, list[str]], tokens: int) -> dict[str, list[bool]]:
@@ -99,20 +102,37 @@ def main(argv=None) -> None:
             total += len(full[lang])
     t_validate = time.perf_counter() - t1
 
+    # The comparison the defaults deserve: the study's best point at no more KL than the defaults' own
+    # (on the tuning split), verified on the held-out split like the others.
+    dm = result.verify["default_proxy"]
+    default_kl = sum(m["kl"] for m in dm.values()) / len(dm)
+    points = [(r["harmfulness"], r["kl"]) for r in result.trials]
+    j, _ = choose(points, "budget", max_kl=default_kl)
+    matched = result.trials[j]
+    apply_point(model, args.langs, harm, result.scores, matched["point"])
+    try:
+        matched_config = SoteriaPatcher.config(model)
+        matched_v = heldout_check(model, tok, args.langs, splits(args.langs)["heldout"],
+                                  max_new_tokens=args.verify_tokens, progress=True)  # fmt: skip
+    finally:
+        SoteriaPatcher.revert(model)
+
     rows = []
-    v = result.verify
+    v = {**result.verify, "matched": matched_v}
     for lang in args.langs:
         rho = spearmanr(proxy_h[lang], judged_h[lang]).statistic if len(set(judged_h[lang])) > 1 else float("nan")
         row = dict(lang=lang)
-        for name in ("base", "default", "chosen"):
+        for name in ("base", "default", "chosen", "matched"):
             row[f"refusal_{name}"] = round(v[name][lang]["refusal"], 3)
             row[f"over_refusal_{name}"] = round(v[name][lang]["over_refusal"], 3)
             row[f"kl_{name}"] = round(v[name][lang]["kl"], 4)
         row.update(heads_chosen=len(result.config.heads[lang]), scale_chosen=result.config.scale_of(lang),
+                   heads_matched=len(matched_config.heads[lang]), scale_matched=matched_config.scale_of(lang),
                    proxy_spearman=round(float(rho), 3))  # fmt: skip
         rows.append(row)
     settings.update(prefix_agreement=round(agree / max(1, total), 3), validated_trials=len(picks),
-                    validate_s=round(t_validate, 1), chosen_trial=result.chosen["trial"], why=result.chosen["why"])  # fmt: skip
+                    validate_s=round(t_validate, 1), chosen_trial=result.chosen["trial"], why=result.chosen["why"],
+                    matched_trial=matched["trial"], matched_max_kl=round(default_kl, 4))  # fmt: skip
     for row in rows:
         row.update(settings)
     print_table(rows, [c for c in rows[0] if c.startswith(("lang", "refusal_", "over_refusal_", "kl_", "proxy_"))])

@@ -67,6 +67,7 @@ def test_trials_leave_the_model_bit_identical_and_write_the_results(tok, scores,
         "verify.json",
     }
     assert len(result.trials) == 4 and 1 <= len(result.front) <= 4
+    assert result.times["trials_run"] == 4 and result.times["trials"] > 0
     assert set(result.verify) >= {"base", "default", "chosen"} and set(result.verify["chosen"]) == set(LANGS)
     chosen = json.loads((tmp_path / "t" / "chosen.json").read_text())
     assert chosen["format"] == "soteria.tune" and chosen["config"]["languages"] == LANGS

@@ -51,7 +51,7 @@ try:  # the 'tune' extra: pip install 'soteria[tune]'
 except ImportError:  # pragma: no cover - checked before any work
     optuna = None
 
-__all__ = ["TuneResult", "apply_point", "splits", "tune"]
+__all__ = ["TuneResult", "apply_point", "heldout_check", "splits", "tune"]
 
 STUDY_NAME = "soteria-tune"
 _OUR_FILES = {"study.db", "chosen.json", "harm.safetensors", "trials.csv", "front.csv", "pareto.png", "verify.json"}
@@ -128,7 +128,9 @@ def apply_point(model, langs, harm, scores, point) -> SoteriaConfig:
     return SoteriaPatcher.config(model)
 
 
-def _verify(model, tokenizer, langs, prompts, *, max_new_tokens: int, progress: bool) -> dict[str, dict[str, float]]:
+def heldout_check(
+    model, tokenizer, langs, prompts, *, max_new_tokens: int, progress: bool
+) -> dict[str, dict[str, float]]:
     """Refusal (harmful) and over-refusal (harmless) by generation and the refusal judge, and
     KL on the harmless prompts (0 for an unsteered model), per language."""
     judge, out = RefusalJudge(), {}
@@ -270,13 +272,13 @@ def tune(
         verified = None
         if verify:
             heldout = data["heldout"]
-            chosen_v = _verify(model, tokenizer, langs, heldout, max_new_tokens=verify_tokens, progress=progress)
+            chosen_v = heldout_check(model, tokenizer, langs, heldout, max_new_tokens=verify_tokens, progress=progress)
             SoteriaPatcher.revert(model)
-            base_v = _verify(model, tokenizer, langs, heldout, max_new_tokens=verify_tokens, progress=progress)
+            base_v = heldout_check(model, tokenizer, langs, heldout, max_new_tokens=verify_tokens, progress=progress)
             default = {lang: scores[lang].top(DEFAULT_TOP_K) for lang in langs}
             SoteriaPatcher.apply(model, langs, heads=default, harm=harm, scale="auto", progress=False,
                                  relative_scale=DEFAULT_RELATIVE_SCALE if harm.kind == "tau" else None)  # fmt: skip
-            default_v = _verify(model, tokenizer, langs, heldout, max_new_tokens=verify_tokens, progress=progress)
+            default_v = heldout_check(model, tokenizer, langs, heldout, max_new_tokens=verify_tokens, progress=progress)
             default_m = proxy.measure(model)
             verified = {"base": base_v, "default": default_v, "chosen": chosen_v, "tokens": verify_tokens,
                         "default_proxy": default_m, "prompts": {k: {x: len(v) for x, v in d.items()}
@@ -306,7 +308,14 @@ def tune(
     if verified is not None:
         atomic_write_text(out / "verify.json", json.dumps(verified, indent=2, sort_keys=True) + "\n")
     return TuneResult(
-        chosen=chosen, config=config, front=front, verify=verified, out_dir=out, trials=trials, scores=scores
+        chosen=chosen,
+        config=config,
+        front=front,
+        verify=verified,
+        out_dir=out,
+        trials=trials,
+        scores=scores,
+        times=times,
     )
 
 
