@@ -12,7 +12,7 @@ import soteria.cli.steer as steer_cmd
 from soteria import SoteriaPatcher
 from soteria.cli import main
 from soteria.langs import lang_list
-from soteria.models.tiny import tiny_model
+from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +122,15 @@ def test_an_unreachable_llm_judge_is_loud_and_exits_non_zero(tmp_path, capsys):
                  "--max-new-tokens", "2", "--out", str(tmp_path / "e"), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "every verdict is 'unparsed'" in err
+
+
+def test_a_corrupt_safetensors_file_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "m"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 3)
+    capsys.readouterr()  # the save's own progress bars
+    msg = _err(capsys, "heads", str(folder), "--langs", "hi", "--out", str(tmp_path / "h"))
+    assert "corrupt or cut short" in msg

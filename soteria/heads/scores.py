@@ -195,7 +195,8 @@ class HeadScores:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         im = ax.imshow(s, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
-        fig.colorbar(im, ax=ax, label=f"indirect effect ({self.method})")
+        # Plain tick labels ("2.5e-05"): an offset exponent above the bar would overlap the title.
+        fig.colorbar(im, ax=ax, label=f"indirect effect ({self.method})", format="%.2g")
         if k is not None:
             top = self.top(k)
             ax.scatter(
