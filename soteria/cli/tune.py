@@ -59,11 +59,11 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tune", help="search head counts and scales for the best refusal vs. KL trade-off",
-                       description="Find heads once, build the harm vector once, then run an Optuna study (two "
-                       "objectives: harmfulness on harmful prompts and KL on harmless ones, from one forward pass "
-                       "per prompt); apply and revert each trial in memory. The study is kept in OUT/study.db, so "
-                       "a run interrupted and started again resumes. The chosen point is verified by generation "
-                       "on held-out prompts.")  # fmt: skip
+                       description="Find heads once, build the harm vector once, then run an Optuna study with two "
+                       "objectives: harmfulness on harmful prompts (the refusal judge on an 8-token greedy "
+                       "prefix) and KL on harmless ones. Each trial is applied and reverted in memory. The study "
+                       "is kept in OUT/study.db, so a run interrupted and started again resumes. The chosen point "
+                       "is verified by generation on held-out prompts.")  # fmt: skip
     add_model_args(p)
     p.add_argument("--langs", nargs="+", required=True, help="language codes with built-in evaluation prompts")
     p.add_argument("--harm", default=None, help="harmful fine-tune or saved HarmVector (default: the gradient "

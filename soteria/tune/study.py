@@ -2,11 +2,11 @@
 
 The heads are found once (their scores are cached and every ``top_k`` reuses them) and the
 harm vector is built once. Each trial applies a point of the :class:`SearchSpace`, measures
-it with the one-pass :class:`RefusalProxy` on a tuning split of the built-in prompts, and
-reverts (bit-exact), so the model never reloads. Two objectives are minimised with Optuna's
-multi-objective TPE sampler: mean harmfulness over the languages and mean KL on harmless
-prompts; over-refusal is recorded beside them. The study lives in ``out_dir/study.db``
-(SQLite), so an interrupted tune resumes where it stopped.
+it with the fast :class:`RefusalProxy` (an 8-token greedy prefix, one pass for the KL) on a
+tuning split of the built-in prompts, and reverts (bit-exact), so the model never reloads.
+Two objectives are minimised with Optuna's multi-objective TPE sampler: mean harmfulness over
+the languages and mean KL on harmless prompts; over-refusal is recorded beside them. The study
+lives in ``out_dir/study.db`` (SQLite), so an interrupted tune resumes where it stopped.
 
 The chosen point (:func:`soteria.tune.front.choose`) is then verified by full generation and
 the refusal-phrase judge on the held-out split the search never saw, next to the base model
