@@ -47,6 +47,7 @@ def _err(capsys, *argv) -> str:
         (["--scale", "nan"], "not a number >= 0"),
         (["--scale", "xx=1"], "--scale names xx"),
         (["--heads", ""], "--heads is empty"),
+        (["--heads", "99:0"], "head (99, 0) is out of range"),
         (["--langs", "HI"], "lowercase: 'hi'"),
     ],
 )

@@ -8,8 +8,9 @@ from pathlib import Path
 from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
 from ..export import CONFIG_NAME, push_to_hub, save_steered, steer_checkpoint
 from ..io.atomic import check_target
-from ..models.loading import load_model
+from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
+from ..steer.plan import check_plan
 from ..tune import load_tune_config
 from .args import add_find_args, add_model_args, check_scale_arg, harm_arg, heads_arg, parse_langs, parse_scale
 
@@ -50,6 +51,10 @@ def run(args) -> int:
     heads = {lang: [tuple(p) for p in config.heads[lang]] for lang in langs} if config else heads_arg(args, langs)
     check_scale_arg(scale, langs)
     check_target(Path(os.path.abspath(args.out)), args.overwrite, ours=CONFIG_NAME)  # before the model loads
+    if heads is not None:  # explicit heads against the model's shape, read from its config alone
+        shape = model_shape(args.model, gguf_file=args.gguf_file)
+        if shape is not None:
+            check_plan(langs, heads, "auto" if scale == "auto" else scale, *shape)
     if args.harm_gguf_file and (args.harm is None or args.harm.endswith(".safetensors")):
         raise ValueError("--harm-gguf-file names a GGUF file inside the --harm folder; give --harm FOLDER")
     if args.streaming:

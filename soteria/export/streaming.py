@@ -40,6 +40,7 @@ from ..io.atomic import atomic_directory, check_target
 from ..io.checkpoint import OTHER_WEIGHTS, checkpoint_shards, find_key
 from ..io.hub import hub_repo_id
 from ..io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safetensors
+from ..models.loading import meta_model
 from ..progress import progress_bar
 from ..steer.config import SoteriaConfig
 from ..steer.plan import check_plan, layer_plan, operand_dtype
@@ -50,14 +51,6 @@ __all__ = ["steer_checkpoint"]
 #: Bytes of fp32 kernel temporaries per block: the edit runs over blocks of the non-head axis.
 _CHUNK_BYTES = 4 << 20
 _SKIP_DIRS = {".git", ".cache"}
-
-
-def _meta_model(folder: Path, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------- the edit
@@ -127,7 +120,7 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
                          "soteria edits float checkpoints only")  # fmt: skip
     weight_map, shards = checkpoint_shards(base)
 
-    model = _meta_model(base, trust_remote_code)
+    model = meta_model(str(base), trust_remote_code=trust_remote_code)
     sites = head_sites(model)
     n_layers, n_heads = len(sites), sites[0].num_heads
 

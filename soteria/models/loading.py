@@ -15,16 +15,26 @@ cannot be edited) is a FileNotFoundError or ValueError naming it, raised before 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..arch import num_layers_heads
+from ..io.hub import looks_like_repo_id
 from .gguf import check_gguf_file, dequantized, is_gguf_config, strip_gguf_config
 from .pretrained import MODELS, fetch
 from .tiny import tiny_model, tiny_tokenizer
 
-__all__ = ["DEVICE_MAPS", "check_device", "check_source", "load_causal_lm", "load_model", "load_tokenizer"]
+__all__ = [
+    "DEVICE_MAPS",
+    "check_device",
+    "check_source",
+    "load_causal_lm",
+    "load_model",
+    "load_tokenizer",
+    "meta_model",
+    "model_shape",
+]
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -51,8 +61,7 @@ def check_source(spec: str, what: str = "model") -> str:
         if name not in MODELS:
             raise ValueError(f"{what} {spec!r}: no such pretrained model; choose one of {', '.join(MODELS)}")
         return spec
-    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?", spec) is not None
-    if spec.startswith("tiny:") or Path(spec).exists() or hub_id:
+    if spec.startswith("tiny:") or Path(spec).exists() or looks_like_repo_id(spec):
         return spec
     raise FileNotFoundError(
         f"{what} not found: {spec!r} is not a local folder, a Hub id (owner/name), tiny:<model_type> "
@@ -189,3 +198,32 @@ def load_model(spec: str, *, dtype: str = "auto", device: str | None = None, ggu
     folder without one fails before the weights are read."""
     tokenizer = load_tokenizer(check_source(spec), gguf_file=gguf_file)
     return load_causal_lm(spec, dtype=dtype, device=device, gguf_file=gguf_file), tokenizer
+
+
+def meta_model(source: str, *, trust_remote_code: bool = False):
+    """The causal LM of the config at ``source`` (a folder or Hub id) built on the ``meta`` device:
+    its architecture, no weight allocated or read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def model_shape(spec: str, *, gguf_file: str | None = None) -> tuple[int, int] | None:
+    """``(layers, heads)`` of the model ``spec`` names, from its config alone (no weight is read),
+    so that head lists can be checked before the load; None when the config cannot tell (a GGUF
+    file, a folder without a readable config)."""
+    check_source(spec)
+    if gguf_file is not None:
+        return None
+    if spec.startswith("tiny:"):
+        return num_layers_heads(tiny_model(spec.split(":", 1)[1]))
+    source = _resolve(spec, None)
+    if _plain_config(source) is None:
+        return None
+    try:
+        return num_layers_heads(meta_model(source))
+    except (OSError, ValueError):
+        return None
