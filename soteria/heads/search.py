@@ -167,8 +167,8 @@ def find_heads(
     """Score every head of ``model`` by its average indirect effect on ``lang``'s probe tasks.
 
     Args:
-        lang: a built-in language code (:func:`soteria.probes.languages`), or any label when
-            ``tasks`` is a dict of your own data.
+        lang: a built-in language code (:func:`soteria.heads.probes.languages`), or any other code
+            (:data:`soteria.langs.LANG_CODE`: "pt", "pt-br") when ``tasks`` is a dict of your own data.
         method: ``"atp"`` (attribution patching, default) or ``"exact"`` (activation patching).
         tasks: None (every built-in task), task names, or ``{name: pairs_or_source}``
             (:func:`soteria.probes.resolve_tasks`).
