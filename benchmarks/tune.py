@@ -38,23 +38,10 @@ from scipy.stats import spearmanr
 
 from benchmarks.common import RESULTS, append_csv, print_table, provenance
 from soteria import SoteriaPatcher
-from soteria.evaluation.generation import format_inputs, generate_texts
-from soteria.evaluation.judges import RefusalJudge
-from soteria.evaluation.prompt_sets import EvalPrompt
 from soteria.models.pretrained import load_pretrained
 from soteria.tune import choose, load_tune_config, tune
+from soteria.tune.proxy import objectives, refusal_verdicts
 from soteria.tune.study import apply_point, heldout_check, splits
-
-
-def _judged(model, tok, prompts: dict[str, list[str]], tokens: int) -> dict[str, list[bool]]:
-    """Per language, whether each answer of ``tokens`` greedy tokens is a refusal."""
-    judge, out = RefusalJudge(), {}
-    for lang, ps in prompts.items():
-        texts, templated = format_inputs(tok, [EvalPrompt(p, lang) for p in ps])
-        answers = generate_texts(model, tok, texts, add_special_tokens=not templated, batch_size=16,
-                                 max_new_tokens=tokens)  # fmt: skip
-        out[lang] = [judge.is_refusal(a, lang) for a in answers]
-    return out
 
 
 def main(argv=None) -> None:
@@ -91,8 +78,8 @@ def main(argv=None) -> None:
     for row in picks:
         apply_point(model, args.langs, harm, result.scores, row["point"])
         try:
-            full = _judged(model, tok, data, args.verify_tokens)
-            prefix = _judged(model, tok, data, 8)
+            full = {x: refusal_verdicts(model, tok, ps, x, max_new_tokens=args.verify_tokens) for x, ps in data.items()}
+            prefix = {x: refusal_verdicts(model, tok, ps, x, max_new_tokens=8) for x, ps in data.items()}
         finally:
             SoteriaPatcher.revert(model)
         for lang in args.langs:
@@ -105,7 +92,7 @@ def main(argv=None) -> None:
     # The comparison the defaults deserve: the study's best point at no more KL than the defaults' own
     # (on the tuning split), verified on the held-out split like the others.
     dm = result.verify["default_proxy"]
-    default_kl = sum(m["kl"] for m in dm.values()) / len(dm)
+    default_kl = objectives(dm)[1]
     points = [(r["harmfulness"], r["kl"]) for r in result.trials]
     j, _ = choose(points, "budget", max_kl=default_kl)
     matched = result.trials[j]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-from pathlib import Path
 
 from ..defaults import DEFAULT_TOP_K
 from ..harm import HarmVector
@@ -88,15 +86,17 @@ def heads_arg(args, langs):
             raise ValueError("--heads is empty; give LAYER:HEAD pairs (e.g. 3:1,5:0), or drop it to find the heads")
         return parse_heads(args.heads)
     if args.heads_from:
-        found = {}
-        for path in args.heads_from:
-            scores = HeadScores.load(path)
-            found[scores.lang] = scores.top(args.top_k)
-        missing = [lang for lang in langs if lang not in found]
-        if missing:
-            raise ValueError(f"--heads-from has no scores for {', '.join(missing)} (found {', '.join(found)})")
-        return {lang: found[lang] for lang in langs}
+        return {lang: scores.top(args.top_k) for lang, scores in load_scores(args.heads_from, langs).items()}
     return None
+
+
+def load_scores(paths: list[str], langs: list[str]) -> dict[str, HeadScores]:
+    """``--heads-from``: ``{lang: HeadScores}`` for every language of ``langs``, from score files."""
+    found = {s.lang: s for s in map(HeadScores.load, paths)}
+    missing = [lang for lang in langs if lang not in found]
+    if missing:
+        raise ValueError(f"--heads-from has no scores for {', '.join(missing)} (found {', '.join(found)})")
+    return {lang: found[lang] for lang in langs}
 
 
 def harm_arg(harm: str | None):
@@ -144,18 +144,6 @@ def add_find_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_TOP_K,
         help=f"heads per language: a count or a fraction of all heads (default {DEFAULT_TOP_K:g})",
     )
-
-
-def check_writable(out: str) -> Path:
-    """``--out`` for commands that write files into a folder: an existing folder must be writable,
-    a new one must have a writable parent. Checked before any work."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--out {path} is a file; give a folder")
-    probe = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {path}: cannot write to {probe}")
-    return path
 
 
 def check_scale_arg(scale, langs: list[str]) -> None:

@@ -19,8 +19,9 @@ import torch
 
 from ..evaluation import evaluate, load_prompts, make_judge
 from ..evaluation.runner import CHART_FILE, GENERATIONS_FILE, JUDGMENTS_FILE, REPORT_FILE, TABLE_FILE
+from ..io.atomic import check_writable
 from ..models.loading import check_device, check_source, load_causal_lm, load_tokenizer
-from .args import check_writable, non_negative, parse_langs, positive_int
+from .args import non_negative, parse_langs, positive_int
 
 __all__ = ["add_parser", "run"]
 

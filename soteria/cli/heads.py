@@ -10,8 +10,9 @@ from ..arch import num_layers_heads
 from ..heads import distributed, find_heads_multi
 from ..heads.scores import resolve_k
 from ..heads.search import AUTO_MAX_TRIALS, AUTO_STEP
+from ..io.atomic import check_writable
 from ..models.loading import load_model
-from .args import add_find_args, add_model_args, check_writable, parse_langs, positive_int
+from .args import add_find_args, add_model_args, parse_langs, positive_int
 
 
 def _trials(text: str) -> int | str:

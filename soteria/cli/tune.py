@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ..heads import HeadScores
 from ..models.loading import load_model
 from ..tune import SearchSpace, tune
-from .args import add_model_args, harm_arg, parse_langs, positive_int
+from .args import add_model_args, harm_arg, load_scores, parse_langs, positive_int
 
 
 def _floats(values, flag: str) -> tuple[float, float]:
@@ -28,13 +27,7 @@ def run(args) -> int:
         layer_window=args.layer_window,
     )  # checked before the model loads
     harm = harm_arg(args.harm)
-    scores = None
-    if args.heads_from:
-        found = {s.lang: s for s in map(HeadScores.load, args.heads_from)}
-        missing = [lang for lang in langs if lang not in found]
-        if missing:
-            raise ValueError(f"--heads-from has no scores for {', '.join(missing)} (found {', '.join(found)})")
-        scores = {lang: found[lang] for lang in langs}
+    scores = load_scores(args.heads_from, langs) if args.heads_from else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
     result = tune(
         model, tokenizer, langs, out_dir=args.out, n_trials=args.trials, harm=harm, space=space, max_kl=args.max_kl,

@@ -29,7 +29,7 @@ from ..heads.prompts import build_prompts, encode_batch
 from ..models.state import frozen_eval, input_device
 from ..steer import SoteriaPatcher
 
-__all__ = ["next_token_kl", "perplexity", "probe_accuracy", "steering_kl"]
+__all__ = ["next_token_kl", "perplexity", "probe_accuracy", "steering_kl", "token_kl"]
 
 
 def _texts(texts: Any, what: str) -> list[str]:
@@ -56,6 +56,11 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.logits.float()
 
 
+def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per position from log-probabilities ``[..., V]`` (fp32): ``[...]``, clamped at 0."""
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+
 def _mean_kl(logits_pair, tokenizer, texts, *, batch_size: int, max_length: int | None, special: bool) -> dict:
     """Mean ``KL(p || q)`` over all real positions; ``logits_pair(ids, mask) -> (logits_p, logits_q)``."""
     rows = _rows(tokenizer, texts, max_length, special)
@@ -66,7 +71,7 @@ def _mean_kl(logits_pair, tokenizer, texts, *, batch_size: int, max_length: int 
         if lo.shape[-1] != ls.shape[-1]:
             raise ValueError(f"the models' vocabularies differ: {lo.shape[-1]} vs {ls.shape[-1]} logits")
         logp_o, logp_s = F.log_softmax(lo, -1), F.log_softmax(ls.to(lo.device), -1)
-        kl = (logp_o.exp() * (logp_o - logp_s)).sum(-1).clamp_min(0.0)  # [B, T]
+        kl = token_kl(logp_o, logp_s)  # [B, T]
         m = mask.to(kl.device).bool()
         total += float(kl[m].sum())
         count += int(m.sum())

@@ -21,7 +21,15 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "check_target", "atomic_file", "atomic_write_bytes", "atomic_write_text", "fsync_tree"]
+__all__ = [
+    "atomic_directory",
+    "atomic_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_target",
+    "check_writable",
+    "fsync_tree",
+]
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -115,6 +123,18 @@ def check_target(target: Path, overwrite: bool, *, ours: str | None = None) -> N
         what = f"it has no {ours}" if ours else "it is not empty"
         raise FileExistsError(f"{target} holds files this did not write ({', '.join(names[:4])}; {what}); "
                               "choose a new directory, or remove it yourself")  # fmt: skip
+
+
+def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A folder files will be written into: an existing one must be a writable directory, a new one
+    must have a writable ancestor. ``what`` names it in the error. Checked before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file; give a folder")
+    probe = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: cannot write to {probe}")
+    return path
 
 
 @contextlib.contextmanager

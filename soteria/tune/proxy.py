@@ -26,10 +26,29 @@ from torch import nn
 from ..evaluation.generation import format_inputs, generate_texts
 from ..evaluation.judges import RefusalJudge
 from ..evaluation.prompt_sets import EvalPrompt
+from ..evaluation.utility import token_kl
 from ..heads.prompts import encode_batch
 from ..models.state import frozen_eval, input_device
 
-__all__ = ["RefusalProxy"]
+__all__ = ["RefusalProxy", "objectives", "refusal_verdicts"]
+
+
+def refusal_verdicts(
+    model: nn.Module, tokenizer, prompts: Sequence[str], lang: str, *, max_new_tokens: int, progress: bool = False
+) -> list[bool]:
+    """Whether the greedy answer (chat template, ``max_new_tokens``) to each prompt is a refusal,
+    by the refusal-phrase judge."""
+    texts, templated = format_inputs(tokenizer, [EvalPrompt(p, lang) for p in prompts])
+    answers = generate_texts(model, tokenizer, texts, add_special_tokens=not templated, batch_size=16,
+                             max_new_tokens=max_new_tokens, progress=progress, desc=f"answer {lang}")  # fmt: skip
+    judge = RefusalJudge()
+    return [judge.is_refusal(a, lang) for a in answers]
+
+
+def objectives(per_lang: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
+    """The tuner's two objectives from :meth:`RefusalProxy.measure`: mean harmfulness, mean KL."""
+    n = len(per_lang)
+    return sum(v["harmfulness"] for v in per_lang.values()) / n, sum(v["kl"] for v in per_lang.values()) / n
 
 
 class RefusalProxy:
@@ -98,7 +117,7 @@ class RefusalProxy:
         kl_sum = dict.fromkeys(self.langs, 0.0)
         kl_n = dict.fromkeys(self.langs, 0)
         for (lang, _, mask), base, logp in zip(self._batches, self._base, self._logprobs(model)):
-            kl = (base.exp() * (base - logp)).sum(-1).clamp_min(0.0)
+            kl = token_kl(base, logp)
             m = mask.bool()
             kl_sum[lang] += float(kl[m].sum())
             kl_n[lang] += int(m.sum())

@@ -29,20 +29,19 @@ from torch import nn
 
 from ..arch import head_sites
 from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
-from ..evaluation.generation import format_inputs, generate_texts, model_id
-from ..evaluation.judges import RefusalJudge
+from ..evaluation.generation import format_inputs, model_id
 from ..evaluation.prompt_sets import EvalPrompt, eval_languages, harmless_prompts, smoke_prompts
 from ..evaluation.utility import steering_kl
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
 from ..heads import HeadScores, find_heads_multi
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_write_text, check_writable
 from ..langs import lang_list
 from ..progress import progress_bar
 from ..steer import SoteriaConfig, SoteriaPatcher
 from ..version import __version__
 from .front import choose, front_rows, plot_front
-from .proxy import RefusalProxy
+from .proxy import RefusalProxy, objectives, refusal_verdicts
 from .records import TUNE_FORMAT, best_line, trial_rows, write_trials_csv
 from .space import SearchSpace
 
@@ -73,17 +72,13 @@ class TuneResult:
 
 def _check_out(out: Path) -> None:
     """``out`` must be new, empty, or an earlier tune's folder (resumed); nothing else is touched."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out_dir {out} is a file")
+    check_writable(out, "out_dir")
     if out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in _OUR_FILES)
         if others:
             raise FileExistsError(
                 f"out_dir {out} holds files a tune did not write ({', '.join(others[:4])}); choose a new folder"
             )
-    probe = out if out.is_dir() else out.parent
-    if probe.exists() and not os.access(probe, os.W_OK):
-        raise PermissionError(f"cannot write to {probe}")
 
 
 #: Tuning prompts per language: at most this many of the even-position built-in prompts.
@@ -133,23 +128,16 @@ def heldout_check(
 ) -> dict[str, dict[str, float]]:
     """Refusal (harmful) and over-refusal (harmless) by generation and the refusal judge, and
     KL on the harmless prompts (0 for an unsteered model), per language."""
-    judge, out = RefusalJudge(), {}
+    out = {}
     steered = SoteriaPatcher.is_steered(model)
     for lang in langs:
         row = {}
-        for kind in ("harmful", "harmless"):
-            texts, templated = format_inputs(tokenizer, [EvalPrompt(p, lang) for p in prompts[kind][lang]])
-            answers = generate_texts(
-                model, tokenizer, texts, add_special_tokens=not templated, batch_size=16,
-                max_new_tokens=max_new_tokens, progress=progress, desc=f"verify {lang} {kind}",
-            )  # fmt: skip
-            row["refusal" if kind == "harmful" else "over_refusal"] = sum(
-                judge.is_refusal(a, lang) for a in answers
-            ) / len(answers)
-            if kind == "harmless":
-                row["kl"] = (
-                    steering_kl(model, tokenizer, texts, add_special_tokens=not templated)["mean"] if steered else 0.0
-                )
+        for kind, name in (("harmful", "refusal"), ("harmless", "over_refusal")):
+            refused = refusal_verdicts(model, tokenizer, prompts[kind][lang], lang, max_new_tokens=max_new_tokens,
+                                       progress=progress)  # fmt: skip
+            row[name] = sum(refused) / len(refused)
+        texts, templated = format_inputs(tokenizer, [EvalPrompt(p, lang) for p in prompts["harmless"][lang]])
+        row["kl"] = steering_kl(model, tokenizer, texts, add_special_tokens=not templated)["mean"] if steered else 0.0
         out[lang] = row
     return out
 
@@ -301,8 +289,7 @@ def tune(
     reference = None
     if verified is not None:
         dm = verified["default_proxy"]
-        reference = {"defaults": (sum(v["harmfulness"] for v in dm.values()) / len(dm),
-                                  sum(v["kl"] for v in dm.values()) / len(dm))}  # fmt: skip
+        reference = {"defaults": objectives(dm)}
     plot_front(points, i, out / "pareto.png", reference=reference, max_kl=max_kl if choose_how == "budget" else None,
                title=f"soteria tune: {', '.join(langs)}, {len(trials)} trials ({why})")  # fmt: skip
     if verified is not None:
@@ -351,7 +338,7 @@ def _objective(trial, model, langs, harm, scores, space, proxy, n_layers: int) -
     trial.set_user_attr("scale", config.scale)
     trial.set_user_attr("point", {k: v for k, v in point.items() if v is not None})
     trial.set_user_attr("over_refusal", sum(v["over_refusal"] for v in m.values()) / len(m))
-    return (sum(v["harmfulness"] for v in m.values()) / len(m), sum(v["kl"] for v in m.values()) / len(m))
+    return objectives(m)
 
 
 def _done(storage: str) -> list[Any]:
