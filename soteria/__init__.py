@@ -18,6 +18,7 @@ _LAZY = {
     "HeadScores": "soteria.heads",
     "find_heads": "soteria.heads",
     "find_heads_multi": "soteria.heads",
+    "SoteriaPatch": "soteria.export",
     "save_steered": "soteria.export",
     "steer_checkpoint": "soteria.export",
     "push_to_hub": "soteria.export",
@@ -43,7 +44,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover - re-exports for type checkers
     from .evaluation import EvalReport, evaluate  # noqa: F401
-    from .export import push_to_hub, save_steered, steer_checkpoint  # noqa: F401
+    from .export import SoteriaPatch, push_to_hub, save_steered, steer_checkpoint  # noqa: F401
     from .harm import HarmVector  # noqa: F401
     from .heads import HeadScores, find_heads, find_heads_multi  # noqa: F401
     from .steer import (

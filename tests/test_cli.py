@@ -20,7 +20,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", [[], ["heads"], ["steer"], ["push"], ["eval"], ["demo"], ["env"]])
+@pytest.mark.parametrize("command", [[], ["heads"], ["steer"], ["apply"], ["push"], ["eval"], ["demo"], ["env"]])
 def test_help_everywhere(command):
     proc = subprocess.run([sys.executable, "-m", "soteria", *command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""The ``soteria`` command line: heads, steer, push, eval, demo, convert, env.
+"""The ``soteria`` command line: heads, steer, apply, push, tune, eval, demo, convert, env.
 
 A user's mistake (bad argument, missing file, unknown language) exits with code 2 and a
 one-line message; ``SOTERIA_DEBUG=1`` shows the traceback instead.
@@ -13,7 +13,7 @@ import sys
 from ..export import SoteriaHubError
 from ..models.pretrained import FetchError
 from ..version import __version__
-from . import convert, demo, env, evaluate, heads, push, steer, tune
+from . import apply, convert, demo, env, evaluate, heads, push, steer, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"soteria {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (heads, steer, push, tune, demo, convert, env, evaluate):
+    for command in (heads, steer, apply, push, tune, demo, convert, env, evaluate):
         command.add_parser(sub)
     return parser
 

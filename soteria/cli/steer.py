@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
-from ..export import CONFIG_NAME, push_to_hub, save_steered, steer_checkpoint
+from ..export import CONFIG_NAME, PATCH_NAME, SoteriaPatch, damage_check, push_to_hub, save_steered, steer_checkpoint
 from ..io.atomic import check_target
 from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
@@ -41,6 +41,17 @@ def _heads(n: int) -> str:
     return f"{n} head{'s' if n != 1 else ''}"
 
 
+def _save(model, tokenizer, args) -> Path:
+    """The steered model as a full checkpoint, or with ``--patch-only`` as a patch; both after the KL check."""
+    if not args.patch_only:
+        return save_steered(
+            model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
+        )
+    langs = list(SoteriaPatcher.config(model).languages)
+    damage = damage_check(model, tokenizer, langs, max_kl=args.max_kl, force=args.force)
+    return SoteriaPatch.from_model(model, damage=damage).save(args.out, overwrite=args.overwrite)
+
+
 def run(args) -> int:
     config, config_harm = _config_arg(args)
     langs = list(config.languages) if config else parse_langs(args.langs)
@@ -50,7 +61,10 @@ def run(args) -> int:
         raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
     heads = {lang: [tuple(p) for p in config.heads[lang]] for lang in langs} if config else heads_arg(args, langs)
     check_scale_arg(scale, langs)
-    check_target(Path(os.path.abspath(args.out)), args.overwrite, ours=CONFIG_NAME)  # before the model loads
+    if args.patch_only and args.streaming:
+        raise ValueError("--patch-only writes the edit of a model steered in memory; drop --streaming")
+    ours = PATCH_NAME if args.patch_only else CONFIG_NAME
+    check_target(Path(os.path.abspath(args.out)), args.overwrite, ours=ours)  # before the model loads
     if heads is not None:  # explicit heads against the model's shape, read from its config alone
         shape = model_shape(args.model, gguf_file=args.gguf_file)
         if shape is not None:
@@ -73,9 +87,7 @@ def run(args) -> int:
     elif config is not None:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
         SoteriaPatcher.apply(model, config=config, harm=config_harm)
-        out = save_steered(
-            model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
-        )
+        out = _save(model, tokenizer, args)
         print(f"steered {_heads(len(config.head_union))} for {', '.join(langs)} (from {args.config})")
     else:
         harm = harm_arg(args.harm)
@@ -86,9 +98,7 @@ def run(args) -> int:
             harm_kwargs={"gguf_file": args.harm_gguf_file} if args.harm_gguf_file else None,
         )  # fmt: skip
         config = SoteriaPatcher.config(model)
-        out = save_steered(
-            model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force
-        )
+        out = _save(model, tokenizer, args)
         print(f"steered {_heads(len(config.head_union))} for {', '.join(langs)}")
     print(f"wrote {out}")
     if args.push:
@@ -118,6 +128,8 @@ def add_parser(sub) -> None:
     p.add_argument("--heads", default=None, help="explicit heads LAYER:HEAD,... (skips head finding)")
     p.add_argument("--heads-from", nargs="+", default=None, help="HeadScores JSON files from `soteria heads`")
     p.add_argument("--streaming", action="store_true", help="edit a checkpoint directory on disk without loading it")
+    p.add_argument("--patch-only", action="store_true", help="write only the edit, a small patch file that "
+                   "`soteria apply` or SoteriaPatch.from_pretrained(DIR).apply(base) puts on the base")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="refuse to write a model whose next-token "

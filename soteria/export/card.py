@@ -1,4 +1,5 @@
-"""The records a steered model carries: ``soteria_config.json``, the shard metadata key, the model card."""
+"""The records a steered model carries (``soteria_config.json``, the shard metadata key, the model
+card), and a patch's card."""
 
 from __future__ import annotations
 
@@ -8,11 +9,24 @@ from pathlib import Path
 from ..steer.config import SoteriaConfig
 from ..version import __version__
 
-__all__ = ["CONFIG_NAME", "METADATA_KEY", "TAGS", "model_card", "write_soteria_config"]
+__all__ = [
+    "CONFIG_NAME",
+    "METADATA_KEY",
+    "PATCH_FORMAT",
+    "PATCH_NAME",
+    "TAGS",
+    "model_card",
+    "patch_card",
+    "write_soteria_config",
+]
 
 #: Key of the JSON-encoded :class:`soteria.SoteriaConfig` in each shard's ``__metadata__``.
 METADATA_KEY = "soteria_config"
 CONFIG_NAME = "soteria_config.json"
+#: The file of a :class:`soteria.SoteriaPatch` (its folder's marker, too).
+PATCH_NAME = "soteria_patch.safetensors"
+#: ``__metadata__["format"]`` of a patch file.
+PATCH_FORMAT = "soteria-patch/1"
 TAGS = ("soteria", "safety", "multilingual")
 _LANGUAGE_NAMES = {
     "en": "English", "zh": "Chinese", "fr": "French", "de": "German", "es": "Spanish",
@@ -43,6 +57,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _describe(config: SoteriaConfig) -> tuple[str, str, str, str]:
+    """The card's heads table rows, scale, harm direction and head selection, in words."""
+    rows = [f"| {_LANGUAGE_NAMES.get(x, x)} (`{x}`) | {len(config.heads[x])} |" for x in config.languages]
+    rows.append(f"| all languages (union) | {len(config.head_union)} |")
+    if isinstance(config.scale, dict):
+        scale = ", ".join(f"{k}: {v:g}" for k, v in config.scale.items()) + " (a shared head takes the largest)"
+    else:
+        scale = f"{config.scale:g}"
+    kind = (
+        "the harmful fine-tune's weights, `tau = W_harmful - W_base`"
+        if config.harm_kind == "harmful"
+        else "an explicit direction `tau`"
+    )
+    select = {
+        "atp": "attribution patching (soteria.find_heads, method='atp')",
+        "exact": "exact activation patching (soteria.find_heads, method='exact')",
+        "explicit": "given explicitly",
+    }[config.method]
+    if config.top_k is not None:
+        select += f", top {config.top_k:g} per language"
+    return "\n".join(rows), scale, kind, select
+
+
 def model_card(
     config: SoteriaConfig,
     *,
@@ -66,24 +103,7 @@ def model_card(
         pipeline_tag="text-generation",
     )
     union = config.head_union
-    rows = [f"| {_LANGUAGE_NAMES.get(x, x)} (`{x}`) | {len(config.heads[x])} |" for x in config.languages]
-    rows.append(f"| all languages (union) | {len(union)} |")
-    if isinstance(config.scale, dict):
-        scale = ", ".join(f"{k}: {v:g}" for k, v in config.scale.items()) + " (a shared head takes the largest)"
-    else:
-        scale = f"{config.scale:g}"
-    kind = (
-        "the harmful fine-tune's weights, `tau = W_harmful - W_base`"
-        if config.harm_kind == "harmful"
-        else "an explicit direction `tau`"
-    )
-    select = {
-        "atp": "attribution patching (soteria.find_heads, method='atp')",
-        "exact": "exact activation patching (soteria.find_heads, method='exact')",
-        "explicit": "given explicitly",
-    }[config.method]
-    if config.top_k is not None:
-        select += f", top {config.top_k:g} per language"
+    rows, scale, kind, select = _describe(config)
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A causal language model"
     versions = "\n".join(f"| {k} | {v} |" for k, v in _versions().items())
     pct = 100.0 * n_changed / n_total if n_total else 0.0
@@ -112,7 +132,7 @@ Every other parameter is bit-identical to the base model.
 
 | language | heads |
 |---|---|
-{chr(10).join(rows)}
+{rows}
 
 - Parameters changed: {n_changed:,} of {n_total:,} ({pct:.4f}%), in {len(union)} heads' output-projection slices.
 - Scale (lambda): {scale}
@@ -146,3 +166,74 @@ safetensors file's metadata (`{METADATA_KEY}`).
 
 
 # --------------------------------------------------------------------------- save
+
+
+def patch_card(
+    config: SoteriaConfig,
+    *,
+    base_model: str | None,
+    base_revision: str | None,
+    model_id: str,
+    n_changed: int,
+    n_bytes: int,
+    damage: dict | None = None,
+) -> str:
+    """The ``README.md`` of a :class:`soteria.SoteriaPatch`: ``base_model`` in the YAML header (as
+    adapters have it), the heads per language, what it changes and how to apply it."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model or None,
+        library_name="soteria",
+        tags=[*TAGS, "soteria-patch"],
+        language=list(config.languages),
+        pipeline_tag="text-generation",
+    )
+    rows, scale, kind, select = _describe(config)
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its base model"
+    if base_revision:
+        base += f" at revision `{base_revision}`"
+    versions = "\n".join(f"| {k} | {v} |" for k, v in _versions().items())
+    check = "not measured" if damage is None else f"{damage['kl']:.3f} on {damage['prompts']} built-in harmless prompts"
+    base_id = base_model or "BASE_MODEL"
+    return f"""---
+{data.to_yaml()}
+---
+
+# {model_id}
+
+A [soteria](https://arxiv.org/abs/2502.11244) patch for {base}: it makes the model refuse harmful
+requests more often in {", ".join(_LANGUAGE_NAMES.get(x, x) for x in config.languages)}. It holds the new
+values of {len(config.head_union)} attention heads' output-projection slices ({n_changed:,} parameters,
+{n_bytes:,} bytes in `{PATCH_NAME}`), and a fingerprint of every base tensor it changes: it applies
+to that base model only, and the result is bit-identical to the steering that made it.
+
+| language | heads |
+|---|---|
+{rows}
+
+- Scale (lambda): {scale}
+- Harm direction: {kind}; source: `{config.harm_source or "unrecorded"}`
+- Heads: {select}; model type `{config.model_type or "unknown"}`.
+- Next-token KL(base || steered) when the patch was written: {check}.
+
+Steering lowers, but does not remove, the chance of harmful output; evaluate the model for your use.
+
+## How to apply
+
+```python
+from transformers import AutoModelForCausalLM
+from soteria import SoteriaPatch
+
+model = AutoModelForCausalLM.from_pretrained("{base_id}")
+SoteriaPatch.from_pretrained("{model_id}").apply(model)   # SoteriaPatcher.revert(model) undoes it
+```
+
+or write a steered copy: `soteria apply {model_id} --model {base_id} --out steered/`.
+
+## Versions
+
+| package | version |
+|---|---|
+{versions}
+"""

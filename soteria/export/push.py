@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, shard_files
 from ..io.hub import plain_hub_error
+from ..io.safetensors import read_safetensors
 from ..steer.config import SoteriaConfig
-from .card import CONFIG_NAME
+from .card import CONFIG_NAME, PATCH_FORMAT, PATCH_NAME
 
 __all__ = ["SoteriaHubError", "push_to_hub"]
 
@@ -22,14 +23,23 @@ class SoteriaHubError(RuntimeError):
     """A Hub operation failed; the message says why in plain words (the original is ``__cause__``)."""
 
 
+def _check_patch(folder: Path) -> SoteriaConfig:
+    meta = read_safetensors(folder / PATCH_NAME).metadata
+    if meta.get("format") != PATCH_FORMAT or "soteria_config" not in meta:
+        raise ValueError(f"{folder / PATCH_NAME} is not a soteria patch (metadata format {meta.get('format')!r})")
+    return SoteriaConfig.from_json(meta["soteria_config"])
+
+
 def _check_folder(folder: Path) -> SoteriaConfig:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory")
+    if (folder / PATCH_NAME).is_file() and not (folder / CONFIG_NAME).exists():
+        return _check_patch(folder)
     missing = [n for n in ("config.json", CONFIG_NAME) if not (folder / n).is_file()]
     if missing:
         raise ValueError(
             f"{folder} is not a soteria output (missing {', '.join(missing)}); "
-            "push a folder written by `soteria steer` (save_steered / steer_checkpoint in Python)"
+            "push a folder written by `soteria steer` (save_steered / steer_checkpoint / SoteriaPatch.save in Python)"
         )
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name)]
     if leftovers:
@@ -52,21 +62,28 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str | None = None,
 ):
-    """Upload a folder written by :func:`save_steered` or :func:`steer_checkpoint` to the Hub.
+    """Upload a folder written by :func:`save_steered`, :func:`steer_checkpoint` or
+    :meth:`SoteriaPatch.save` to the Hub.
 
     Creates ``repo_id`` if needed (``private`` by default; an existing repo keeps its
     visibility), then uploads the folder in one commit. Returns huggingface_hub's
     ``CommitInfo`` (``.commit_url``). Checks the folder first (config, weights,
     ``soteria_config.json``); a Hub failure raises :class:`SoteriaHubError` saying what went wrong.
     """
-    from huggingface_hub import HfApi
-
     folder = Path(out_dir)
     config = _check_folder(folder)
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty str like 'your-name/model-soteria', got {repo_id!r}")
     if commit_message is None:
-        commit_message = f"Upload soteria-steered model ({', '.join(config.languages)})"
+        what = "soteria patch" if (folder / PATCH_NAME).is_file() else "soteria-steered model"
+        commit_message = f"Upload {what} ({', '.join(config.languages)})"
+    return _upload(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def _upload(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str):
+    """``create_repo(exist_ok=True)`` and ``upload_folder`` in one commit; Hub errors as :class:`SoteriaHubError`."""
+    from huggingface_hub import HfApi
+
     api = HfApi()
     try:
         url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)

@@ -38,6 +38,7 @@ from ..arch import head_sites
 from ..harm import HarmVector
 from ..io.atomic import atomic_directory, check_target
 from ..io.checkpoint import OTHER_WEIGHTS, checkpoint_shards, find_key
+from ..io.fingerprint import fingerprint_mismatch
 from ..io.hub import hub_repo_id
 from ..io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safetensors
 from ..models.loading import meta_model
@@ -45,6 +46,7 @@ from ..progress import progress_bar
 from ..steer.config import SoteriaConfig
 from ..steer.plan import check_plan, layer_plan, operand_dtype
 from .card import CONFIG_NAME, METADATA_KEY, model_card, write_soteria_config
+from .patch import SoteriaPatch
 
 __all__ = ["steer_checkpoint"]
 
@@ -83,7 +85,8 @@ class _Plan:
     edits: dict[str, dict[str, int]]  # shard file -> {checkpoint key: layer}
     layers: dict[int, tuple[list[int], list[float]]]
     sites: list
-    harm: Any  # HarmVector
+    harm: Any  # HarmVector, or None with a patch
+    patch: Any  # SoteriaPatch, or None
     n_changed: int
     n_total: int
 
@@ -102,7 +105,7 @@ def _check_paths(base: Path, out: Path, harm, overwrite: bool) -> None:
             raise ValueError(f"out_dir {out} would replace the harmful checkpoint {harm}")
 
 
-def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code) -> _Plan:
+def _prepare(base_dir, out_dir, heads, harm, scale, langs, patch, overwrite, trust_remote_code) -> _Plan:
 
     base = Path(base_dir)
     if not base.is_dir():
@@ -126,21 +129,28 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
 
     if isinstance(heads, Mapping) and langs is None:
         langs = list(heads)
-    elif langs is None:
+    elif langs is None and patch is None:
         raise ValueError(
             "heads is a list of (layer, head) pairs: pass langs= naming the languages they were chosen for, "
             "or heads={lang: pairs}"
         )
-    langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
-    auto = scales == "auto"  # a fine-tune's scale is 1.0; a direction's cannot be calibrated on disk
-    record = SoteriaConfig(
-        languages=langs,
-        heads=per_lang,
-        scale=1.0 if auto else scales,
-        method="explicit",
-        top_k=None,
-        model_type=str(getattr(model.config, "model_type", "") or ""),
-    )
+    model_type = str(getattr(model.config, "model_type", "") or "")
+    if patch is not None:  # the patch's record, checked against this model's shape
+        record, auto = patch.config, False
+        if record.model_type and model_type and record.model_type != model_type:
+            raise ValueError(f"the patch was made for a {record.model_type} model; {base} is {model_type}")
+        check_plan(list(record.languages), record.heads, record.scale, n_layers, n_heads)
+    else:
+        langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
+        auto = scales == "auto"  # a fine-tune's scale is 1.0; a direction's cannot be calibrated on disk
+        record = SoteriaConfig(
+            languages=langs,
+            heads=per_lang,
+            scale=1.0 if auto else scales,
+            method="explicit",
+            top_k=None,
+            model_type=model_type,
+        )
     plan = layer_plan(record)
 
     # Every checkpoint key, shape and dtype, before anything is written.
@@ -172,16 +182,20 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
         n_changed += len(hs) * site.head_dim * int(other)
     if problems:
         raise ValueError(f"cannot steer {base}:\n  - " + "\n  - ".join(problems))
-
-    if isinstance(harm, (str, os.PathLike)):
+    if patch is not None:
+        _check_fingerprints(patch, shards, edits, base)
+    elif isinstance(harm, (str, os.PathLike)):
         harm = HarmVector.from_pretrained(harm, base=model)
     elif not isinstance(harm, HarmVector):
         raise ValueError(f"harm must be a HarmVector or a harmful checkpoint's path, got {type(harm).__name__}")
-    harm.check(model, layers=sorted(plan))
-    if auto and harm.kind == "tau":
-        raise ValueError("scale='auto' calibrates a direction against weights in memory; give the streaming edit "
-                         "an explicit scale (--scale), e.g. the one recorded by an in-memory steering")  # fmt: skip
-    record.harm_source, record.harm_kind = harm.source, harm.kind
+    if patch is None:
+        harm.check(model, layers=sorted(plan))
+        if auto and harm.kind == "tau":
+            raise ValueError(
+                "scale='auto' calibrates a direction against weights in memory; give the streaming "
+                "edit an explicit scale (--scale), e.g. the one recorded by an in-memory steering"
+            )
+        record.harm_source, record.harm_kind = harm.source, harm.kind
     return _Plan(
         base=base,
         out=out,
@@ -192,6 +206,7 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remo
         layers=plan,
         sites=sites,
         harm=harm,
+        patch=patch,
         n_changed=n_changed,
         n_total=sum(sf.numel() for sf in shards.values()),
     )
@@ -201,10 +216,11 @@ def steer_checkpoint(
     base_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    heads: Mapping[str, list] | list,
-    harm,
+    heads: Mapping[str, list] | list | None = None,
+    harm=None,
     scale: float | dict[str, float] = 1.0,
     langs: str | list[str] | None = None,
+    patch: SoteriaPatch | None = None,
     overwrite: bool = False,
     base_model: str | None = None,
     repo_id: str | None = None,
@@ -220,6 +236,9 @@ def steer_checkpoint(
             :meth:`soteria.HarmVector.from_pretrained`, output projections only), or a HarmVector.
         scale: ``lambda``, one float or ``{lang: float}`` (a shared head takes the largest).
         langs: the languages, needed when ``heads`` is a list.
+        patch: instead of ``heads``, ``harm`` and ``scale``: a :class:`soteria.SoteriaPatch`, whose
+            slices are written as they are (its fingerprints are checked against the checkpoint's
+            tensors first); the tensors are bit-identical to ``patch.apply`` on the loaded model.
         overwrite: replace an existing ``out_dir`` (the old one is kept if this run fails).
         base_model, repo_id: Hub ids for the model card (``base_model`` in its YAML header; the
             id in its loading snippet). Default: ``config.json``'s ``_name_or_path`` if it looks
@@ -239,7 +258,11 @@ def steer_checkpoint(
     """
 
     device = torch.device(device)
-    plan = _prepare(base_dir, out_dir, heads, harm, scale, langs, overwrite, trust_remote_code)
+    if patch is not None and (heads is not None or harm is not None):
+        raise ValueError("give patch= alone, or heads= and harm=: a patch holds the heads and their new values")
+    if patch is None and (heads is None or harm is None):
+        raise ValueError("steer_checkpoint needs heads= and harm= (or a patch=)")
+    plan = _prepare(base_dir, out_dir, heads, harm, scale, langs, patch, overwrite, trust_remote_code)
     meta = {METADATA_KEY: plan.record.to_json(indent=None)}
     shard_names = set(plan.shards)
     skipped: list[str] = []
@@ -264,6 +287,14 @@ def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Te
 
     hs, ss = plan.layers[layer]
     site = plan.sites[layer]
+    if plan.patch is not None:
+        slices = {h: plan.patch.slices[(layer, h)] for h in hs}
+
+        def write(w: torch.Tensor) -> None:
+            for h, new in slices.items():
+                site.head_slice(w, h).copy_(new)
+
+        return write
     fn = getattr(soteria_kernels, "masked_head_steer_" if plan.harm.kind == "harmful" else "masked_head_update_")
 
     def edit(w: torch.Tensor) -> None:
@@ -272,6 +303,18 @@ def _editor(plan: _Plan, layer: int, device: torch.device) -> Callable[[torch.Te
         _edit_tensor(fn, w, operand, hs, ss, site, device)
 
     return edit
+
+
+def _check_fingerprints(patch, shards: dict, edits: dict, base: Path) -> None:
+    """Each tensor the patch edits, read from the checkpoint, against the patch's fingerprint of it."""
+    for shard, keys in edits.items():
+        for key, layer in keys.items():
+            why = fingerprint_mismatch(patch.fingerprints[layer], read_tensor(shards[shard], key))
+            if why is not None:
+                raise ValueError(
+                    f"{base}: {key} is not the base tensor the patch was made for ({why}): "
+                    "another base model, revision or dtype?"
+                )
 
 
 def _harm_tensor(harm, layer: int) -> torch.Tensor:

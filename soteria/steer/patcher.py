@@ -36,15 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-import soteria_kernels
-
 from ..arch import head_sites, unwrap_model
 from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
 from ..heads import find_heads_multi
+from ..io.fingerprint import fingerprint_mismatch
 from ..langs import lang_list
 from .config import SoteriaConfig
+from .edit import copy_slices, restore_slices, steer_slices
 from .offload import drop_overlays, editable_weight
 from .plan import (
     calibrated_scale,
@@ -52,7 +52,6 @@ from .plan import (
     check_plan,
     check_relative,
     layer_plan,
-    operand_dtype,
     scale_of,
 )
 
@@ -200,18 +199,71 @@ class SoteriaPatcher:
         overlays: list[tuple[dict, str, torch.Tensor | None]] = []
         try:
             weights = {layer: editable_weight(inner, sites[layer], overlays) for layer in sorted(plan)}
-            slices = _edit(sites, weights, plan, harm)
+            slices = steer_slices(sites, weights, plan, harm)
         except BaseException:
             drop_overlays(overlays)
             raise
-        inner.__dict__[_STATE] = {
-            "slices": slices,
-            "dtypes": {layer: sites[layer].weight.dtype for layer in plan},
-            "overlays": overlays,
-        }
-        inner.soteria_config = config
-        if getattr(inner, "config", None) is not None:
-            inner.config.soteria = config.to_dict()
+        _record(inner, sites, config, slices, overlays)
+        return model
+
+    @staticmethod
+    def write_slices(
+        model: nn.Module,
+        config: SoteriaConfig,
+        slices: dict[tuple[int, int], torch.Tensor],
+        fingerprints: dict[int, dict[str, Any]] | None = None,
+    ) -> nn.Module:
+        """Steer ``model`` by writing the given head slices verbatim (:meth:`soteria.SoteriaPatch.apply`).
+
+        ``slices[(layer, head)]`` is the new value of :meth:`HeadSite.head_slice` of that layer's
+        output projection (``[d_model, D]``, or ``[D, d_model]`` for Conv1D), in the weight's
+        dtype, for every head of ``config.head_union``. ``fingerprints[layer]`` (from
+        :func:`soteria.io.fingerprint.fingerprint`) must match the base weight, else the model
+        is refused. Everything is checked before any weight is written; the result is recorded
+        like :meth:`apply`'s (``revert`` restores the original slices bit-exactly).
+        """
+        if not isinstance(config, SoteriaConfig):
+            raise ValueError(f"config must be a SoteriaConfig, got {type(config).__name__}")
+        if SoteriaPatcher.is_steered(model):
+            raise ValueError(
+                "this model is already steered by soteria (config.soteria is set); "
+                "start from the base model (in Python, SoteriaPatcher.revert(model) restores it)"
+            )
+        inner = unwrap_model(model)
+        sites = head_sites(model)
+        model_type = str(getattr(getattr(inner, "config", None), "model_type", "") or "")
+        if config.model_type and model_type and config.model_type != model_type:
+            raise ValueError(f"the steering was made for a {config.model_type} model; this one is {model_type}")
+        check_plan(list(config.languages), config.heads, config.scale, len(sites), sites[0].num_heads)
+        union = set(config.head_union)
+        if set(slices) != union:
+            extra, missing = sorted(set(slices) - union), sorted(union - set(slices))
+            raise ValueError(f"the slices do not cover the config's heads (extra {extra}, missing {missing})")
+        overlays: list[tuple[dict, str, torch.Tensor | None]] = []
+        try:
+            weights = {layer: editable_weight(inner, sites[layer], overlays) for layer in sorted({k[0] for k in union})}
+            for layer, w in weights.items():
+                if fingerprints is not None:
+                    if layer not in fingerprints:
+                        raise ValueError(f"no fingerprint of layer {layer}'s base weight was given")
+                    why = fingerprint_mismatch(fingerprints[layer], w)
+                    if why is not None:
+                        raise ValueError(
+                            f"layer {layer}'s {sites[layer].param_name} is not the base tensor this steering "
+                            f"was made for ({why}): another base model, revision or dtype?"
+                        )
+            for (layer, h), new in sorted(slices.items()):
+                old = sites[layer].head_slice(weights[layer].detach(), h)
+                if tuple(new.shape) != tuple(old.shape) or new.dtype != old.dtype:
+                    raise ValueError(
+                        f"head ({layer}, {h}): slice is {new.dtype} {list(new.shape)}, "
+                        f"the model's is {old.dtype} {list(old.shape)}"
+                    )
+            saved = copy_slices(sites, weights, slices)
+        except BaseException:
+            drop_overlays(overlays)
+            raise
+        _record(inner, sites, config, saved, overlays)
         return model
 
     @staticmethod
@@ -236,7 +288,7 @@ class SoteriaPatcher:
         overlays = state.get("overlays", [])
         layers = sorted({layer for layer, _ in state["slices"]})
         weights = {layer: editable_weight(inner, sites[layer], []) for layer in layers}
-        _restore(sites, weights, state["slices"])
+        restore_slices(sites, weights, state["slices"])
         drop_overlays(overlays)
         del inner.__dict__[_STATE]
         inner.__dict__.pop("soteria_config", None)
@@ -260,11 +312,11 @@ class SoteriaPatcher:
         weights = {layer: editable_weight(inner, sites[layer], []) for layer in layers}
         steered = {key: sites[key[0]].head_slice(weights[key[0]].detach(), key[1]).to("cpu", copy=True)
                    for key in state["slices"]}  # fmt: skip
-        _restore(sites, weights, state["slices"])
+        restore_slices(sites, weights, state["slices"])
         try:
             yield model
         finally:
-            _restore(sites, weights, steered)
+            restore_slices(sites, weights, steered)
 
     @staticmethod
     def has_originals(model: nn.Module) -> bool:
@@ -288,37 +340,19 @@ class SoteriaPatcher:
         return SoteriaConfig.from_dict(d) if d is not None else None
 
 
-# --------------------------------------------------------------------------- the edit
+# --------------------------------------------------------------------------- the record
 
 
-def _edit(sites, weights: dict, plan: dict[int, tuple[list[int], list[float]]], harm: HarmVector) -> dict:
-    """Run the kernels layer by layer on ``weights[layer]`` (the real weight tensors), saving each
-    slice first; on any failure put every slice back."""
-    saved: dict[tuple[int, int], torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for layer, (hs, ss) in sorted(plan.items()):
-                site = sites[layer]
-                w = weights[layer]
-                operand = harm.tensor(layer).to(device=w.device, dtype=operand_dtype(harm, w))
-                for h in hs:
-                    saved[(layer, h)] = site.head_slice(w.detach(), h).to("cpu", copy=True)
-                fn = (
-                    soteria_kernels.masked_head_steer_
-                    if harm.kind == "harmful"
-                    else soteria_kernels.masked_head_update_
-                )
-                fn(w, operand, hs, head_dim=site.head_dim, scale=ss, head_axis=site.head_axis)
-    except BaseException:
-        _restore(sites, weights, saved)
-        raise
-    return saved
-
-
-def _restore(sites, weights: dict, saved: dict[tuple[int, int], torch.Tensor]) -> None:
-    with torch.no_grad():
-        for (layer, h), orig in saved.items():
-            sites[layer].head_slice(weights[layer].detach(), h).copy_(orig)
+def _record(inner: nn.Module, sites, config: SoteriaConfig, saved: dict, overlays: list) -> None:
+    """Keep the original slices for revert and set ``soteria_config`` / ``config.soteria``."""
+    inner.__dict__[_STATE] = {
+        "slices": saved,
+        "dtypes": {layer: sites[layer].weight.dtype for layer, _ in saved},
+        "overlays": overlays,
+    }
+    inner.soteria_config = config
+    if getattr(inner, "config", None) is not None:
+        inner.config.soteria = config.to_dict()
 
 
 def _from_config(config, langs, heads, scale, relative_scale, harm):
