@@ -76,6 +76,13 @@ def test_head_scales_take_the_largest_and_union_is_sorted():
         (dict(method="magic"), "method must be one of"),
         (dict(harm_kind="other"), "harm_kind"),
         (dict(top_k=0), "top_k"),
+        (dict(scale=-0.5), "negative scale adds the harm direction"),
+        (dict(scale={"en": 1.0, "fr": -1.0}), r"scale\['fr'\] is -1.0"),
+        (dict(languages=["EN", "fr"]), "EN"),
+        (dict(relative_scale=0.0), "relative_scale must be a positive"),
+        (dict(find_options={"tasks": object()}), "find_options must hold JSON values"),
+        (dict(harm_options=[1]), "harm_options must be a dict"),
+        (dict(method="explicit", heads=None), "needs heads"),
     ],
 )
 def test_validation(kw, match):
@@ -85,7 +92,7 @@ def test_validation(kw, match):
 
 def test_single_language_string_and_unknown_keys_warn():
     cfg = SoteriaConfig(languages="de", heads={"de": [(0, 0)]})
-    assert cfg.languages == ["de"] and cfg.method == "atp" and cfg.scale == 1.0
+    assert cfg.languages == ["de"] and cfg.method is None and cfg.scale == "auto" and not cfg.is_resolved
     d = cfg.to_dict()
     d["from_the_future"] = 1
     with pytest.warns(UserWarning, match="from_the_future"):
@@ -108,3 +115,14 @@ def test_saved_in_config_json(tmp_path):
     assert on_disk["soteria"] == cfg.to_dict()
     again = AutoConfig.from_pretrained(tmp_path)
     assert SoteriaConfig.from_dict(again.soteria) == cfg
+
+
+def test_a_request_names_what_to_find():
+    req = SoteriaConfig(["es", "fr"], harm_source="org/harmful", top_k=48, find_options={"n_shots": 5})
+    assert req.heads is None and req.scale == "auto" and not req.is_resolved
+    with pytest.raises(ValueError, match="needs a resolved config"):
+        _ = req.head_union
+    assert SoteriaConfig.from_json(req.to_json()) == req
+    one_list = SoteriaConfig(["es", "fr"], heads=[(0, 1), (0, 1), (1, 0)], scale=0.5)
+    assert one_list.heads == {"es": [(0, 1), (1, 0)], "fr": [(0, 1), (1, 0)]}  # repeats dropped
+    assert one_list.is_resolved is False  # method still unknown: apply records it

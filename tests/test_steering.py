@@ -345,6 +345,79 @@ def test_heads_found_per_language_union(monkeypatch):
     _check_against_dense(model, snap, taus64, {p: 1.0 for p in union}, max_ulp=0)
 
 
+# --------------------------------------------------------------------------- one config object
+
+
+def _weights(model):
+    return [s.weight.detach().clone() for s in head_sites(model)]
+
+
+def test_apply_with_a_config_equals_the_keyword_call(monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    a, b = tiny_model("llama"), tiny_model("llama")
+    hv = _tau_vector(a)
+    SoteriaPatcher.apply(a, ["en", "fr"], harm=hv, heads=HEADS, scale=0.5)
+    request = SoteriaConfig(["en", "fr"], heads=HEADS, scale=0.5)
+    assert SoteriaPatcher.apply(b, request, harm=hv) is b
+    assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
+    assert a.soteria_config == b.soteria_config and b.soteria_config.is_resolved
+    assert b.soteria_config.method == "explicit" and request.method is None  # the request is not changed
+
+
+def test_a_record_repeats_its_steering_and_reads_its_harm_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    _harmful("llama").save_pretrained(tmp_path / "harmful")
+    a = SoteriaPatcher.apply(tiny_model("llama"), ["en", "fr"], harm=str(tmp_path / "harmful"), heads=HEADS)
+    record = SoteriaConfig.from_json(a.soteria_config.to_json())  # as read from soteria_config.json
+    b = SoteriaPatcher.apply(tiny_model("llama"), record)  # harm_source "checkpoint:..." is read again
+    assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
+    assert b.soteria_config == a.soteria_config
+
+
+def test_a_gradient_record_repeats_with_the_tokenizer(monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    tok = tiny_tokenizer()
+    a = SoteriaPatcher.apply(tiny_model("llama"), ["en"], heads=[(0, 2)], tokenizer=tok, progress=False)
+    record = a.soteria_config
+    assert record.harm_source.startswith("gradients:") and record.relative_scale is not None
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        SoteriaPatcher.apply(tiny_model("llama"), record)
+    b = SoteriaPatcher.apply(tiny_model("llama"), record, tokenizer=tok, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
+    assert b.soteria_config == record
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(heads=[(0, 1)]), "do not pass heads as well"),
+        (dict(scale=0.5, top_k=3), "do not pass scale, top_k as well"),
+        (dict(langs=["de"]), "differ from the config's languages"),
+        (dict(config=SoteriaConfig(["en"], heads=[(0, 1)])), "give the config once"),
+    ],
+)
+def test_a_config_call_refuses_other_request_arguments(kw, match):
+    model = tiny_model("llama")
+    snap = _snapshot(model)
+    request = SoteriaConfig(["en"], heads=[(0, 1)], scale=0.5)
+    langs = kw.pop("langs", None)
+    with pytest.raises(ValueError, match=match):
+        if "config" in kw:
+            SoteriaPatcher.apply(model, request, harm=_tau_vector(model), **kw)
+        elif langs is not None:
+            SoteriaPatcher.apply(model, langs, config=request, harm=_tau_vector(model))
+        else:
+            SoteriaPatcher.apply(model, request, harm=_tau_vector(model), **kw)
+    _assert_identical(model, snap)
+
+
+def test_shared_head_with_different_scales_warns_and_takes_the_largest():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="different scales, e.g. \\(1, 3\\).*largest"):
+        SoteriaPatcher.apply(model, ["en", "fr"], harm=_tau_vector(model), heads=HEADS, scale={"en": 0.1, "fr": 0.4})
+    assert model.soteria_config.head_scales()[(1, 3)] == 0.4
+
+
 def test_peft_wrapped_model(monkeypatch):
     peft = pytest.importorskip("peft")
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")

@@ -10,7 +10,7 @@ from ..export import CONFIG_NAME, PATCH_NAME, SoteriaPatch, damage_check, push_t
 from ..io.atomic import check_target
 from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
-from ..steer.plan import check_plan
+from ..steer.plan import check_plan, harm_path
 from ..tune import load_tune_config
 from .args import add_find_args, add_model_args, check_scale_arg, harm_arg, heads_arg, parse_langs, parse_scale
 
@@ -30,10 +30,8 @@ def _config_arg(args):
         raise ValueError(f"--langs {' '.join(args.langs)} differ from the config's languages {config.languages}")
     if args.harm is not None:
         harm = harm_arg(args.harm)
-    if harm is None:
-        raise ValueError(
-            f"{args.config} names no harm vector file; give --harm (it was made with {config.harm_source})"
-        )
+    if harm is None and args.streaming:  # in memory, apply reads the config's harm_source again
+        harm = harm_arg(harm_path(config.harm_source))
     return config, harm
 
 
@@ -59,7 +57,7 @@ def run(args) -> int:
     relative = None if args.relative_scale is None else parse_scale(args.relative_scale)
     if relative is not None and (scale != "auto" or relative == "auto"):
         raise ValueError("--relative-scale takes a number (or LANG=VALUE pairs) and goes with --scale auto")
-    heads = {lang: [tuple(p) for p in config.heads[lang]] for lang in langs} if config else heads_arg(args, langs)
+    heads = config.heads if config else heads_arg(args, langs)
     check_scale_arg(scale, langs)
     if args.patch_only and args.streaming:
         raise ValueError("--patch-only writes the edit of a model steered in memory; drop --streaming")
@@ -86,9 +84,10 @@ def run(args) -> int:
         print(f"steered {_heads(len({tuple(p) for pairs in heads.values() for p in pairs}))} for {', '.join(langs)}")
     elif config is not None:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
-        SoteriaPatcher.apply(model, config=config, harm=config_harm)
+        SoteriaPatcher.apply(model, config, harm=config_harm, tokenizer=tokenizer)
         out = _save(model, tokenizer, args)
-        print(f"steered {_heads(len(config.head_union))} for {', '.join(langs)} (from {args.config})")
+        n = len(SoteriaPatcher.config(model).head_union)
+        print(f"steered {_heads(n)} for {', '.join(langs)} (from {args.config})")
     else:
         harm = harm_arg(args.harm)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)

@@ -44,7 +44,7 @@ from ..io.safetensors import EDITABLE, SafetensorsFile, read_tensor, write_safet
 from ..models.loading import meta_model
 from ..progress import progress_bar
 from ..steer.config import SoteriaConfig
-from ..steer.plan import check_plan, layer_plan, operand_dtype
+from ..steer.plan import check_plan, layer_plan, operand_dtype, warn_shared
 from .card import CONFIG_NAME, METADATA_KEY, model_card, write_soteria_config
 from .patch import SoteriaPatch
 
@@ -151,6 +151,7 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, patch, overwrite, tru
             top_k=None,
             model_type=model_type,
         )
+        warn_shared(record)
     plan = layer_plan(record)
 
     # Every checkpoint key, shape and dtype, before anything is written.

@@ -39,7 +39,6 @@ from torch import nn
 from ..arch import head_sites, unwrap_model
 from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from ..harm import HarmVector
-from ..harm.data import harmful_languages
 from ..heads import find_heads_multi
 from ..io.fingerprint import fingerprint_mismatch
 from ..langs import lang_list
@@ -48,11 +47,14 @@ from .edit import copy_slices, restore_slices, steer_slices
 from .offload import drop_overlays, editable_weight
 from .plan import (
     calibrated_scale,
+    check_config_call,
     check_find,
     check_plan,
     check_relative,
     layer_plan,
+    resolve_harm,
     scale_of,
+    warn_shared,
 )
 
 __all__ = ["SoteriaPatcher"]
@@ -66,40 +68,48 @@ class SoteriaPatcher:
     @staticmethod
     def apply(
         model: nn.Module,
-        langs: str | list[str] | None = None,
+        langs: SoteriaConfig | str | list[str] | None = None,
         *,
         config: SoteriaConfig | None = None,
         harm: HarmVector | str | os.PathLike | None = None,
         scale: float | dict[str, float] | str = "auto",
         relative_scale: float | dict[str, float] | None = None,
-        top_k: int | float = DEFAULT_TOP_K,
+        top_k: int | float | None = None,
         heads: list | dict | None = None,
         tokenizer=None,
-        method: str = "atp",
+        method: str | None = None,
         find_kwargs: dict[str, Any] | None = None,
         harm_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> nn.Module:
-        """Steer ``model`` in place for ``langs`` and return it.
+        """Steer ``model`` in place as a :class:`SoteriaConfig` asks, and return it.
+
+        ``apply(model, config)`` mirrors ``peft.get_peft_model(model, config)``; the keyword form
+        ``apply(model, langs, heads=..., scale=..., ...)`` builds that config from its arguments
+        (``find_kwargs`` and ``harm_kwargs`` become ``find_options`` and ``harm_options``).
 
         Args:
-            langs: one language code or a list of them (with ``config``: its languages by default).
-            config: repeat a recorded steering: the languages, heads and scales of a
-                :class:`SoteriaConfig` (a steered model's ``soteria_config.json``, or the
-                ``chosen.json`` of :func:`soteria.tune` read with
-                :func:`soteria.tune.load_tune_config`). Give ``harm`` as well: the same vector
-                gives bit-identical weights. ``heads``, ``scale`` and ``relative_scale`` must not be set.
-            harm: a :class:`HarmVector`; a path or Hub id of a harmful fine-tune (or of a saved
-                vector), read with :meth:`HarmVector.from_pretrained` (``harm_kwargs`` passed on);
-                or None: :meth:`HarmVector.from_gradients` on the built-in refusal data of the
-                steered languages (a language without it needs ``harm`` or ``harm_kwargs={"data": ...}``),
+            langs: a :class:`SoteriaConfig`, or one language code or a list of them.
+            config: the request as a keyword (the same as passing it as ``langs``). A recorded
+                config (a steered model's ``soteria_config.json``, the ``chosen.json`` of
+                :func:`soteria.tune` read with :func:`soteria.tune.load_tune_config`) repeats that
+                steering: the same heads and scales, and its ``harm_source`` read again (or give
+                ``harm``: the same vector gives bit-identical weights). With a config, the
+                arguments it holds (heads, scale, relative_scale, top_k, method, find_kwargs,
+                harm_kwargs) must not be given too.
+            harm: a :class:`HarmVector`, or a path or Hub id of a harmful fine-tune (or of a saved
+                vector), read with :meth:`HarmVector.from_pretrained` (``harm_options`` passed on);
+                None: the config's ``harm_source``, and when that is empty
+                :meth:`HarmVector.from_gradients` on the built-in refusal data of the steered
+                languages (a language without it needs ``harm`` or ``harm_kwargs={"data": ...}``),
                 by default with the built-in harmless contrast set and the first 4 refusal tokens
-                (:mod:`soteria.defaults`; ``harm_kwargs`` override). None needs ``tokenizer``.
-            scale: ``lambda``, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for a
-                harmful fine-tune (the paper's form), and for a direction (``harm=None``: the
-                gradient direction, whose raw size means nothing) the scale that makes the edit
-                ``relative_scale`` of the steered slices' size (below). A head selected for
-                several languages is steered once, with the largest of their scales.
+                (:mod:`soteria.defaults`; ``harm_kwargs`` override). The gradients need ``tokenizer``.
+            scale: ``lambda`` >= 0, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for
+                a harmful fine-tune (the paper's form), and for a direction (the gradient
+                direction, whose raw size means nothing) the scale that makes the edit
+                ``relative_scale`` of the steered slices' size. A head selected for several
+                languages is steered once, with the largest of their scales (a warning says so
+                when they differ).
             relative_scale: with ``scale="auto"``, per language the scale with
                 ``||scale * tau_S|| = relative_scale * ||W_S||`` (Frobenius norms over the slices
                 of that language's heads ``S``); one float or ``{lang: float}``; default
@@ -111,8 +121,8 @@ class SoteriaPatcher:
                 and ``find_kwargs``; keep each language's ``top_k``, steer the union); a list of
                 ``(layer, head)`` pairs for every language; or ``{lang: pairs}``. Explicit heads
                 skip attribution (recorded as method ``"explicit"``).
-            tokenizer: needed when heads are found or ``harm`` is None.
-            method: ``"atp"`` or ``"exact"`` (see :func:`soteria.find_heads`).
+            tokenizer: needed when heads are found or the harm direction comes from gradients.
+            method: ``"atp"`` (default) or ``"exact"`` (see :func:`soteria.find_heads`).
             progress: tqdm bars for attribution and gradients.
 
         Every argument and the harm vector's fit to the model (model_type, layers, shapes) are
@@ -120,91 +130,27 @@ class SoteriaPatcher:
         half-way the touched slices are restored, so the model is unchanged. A model that is
         already steered is refused (``SoteriaPatcher.revert(model)`` first).
         """
-        if config is not None:
-            langs, heads, scale = _from_config(config, langs, heads, scale, relative_scale, harm)
-        if langs is None:
-            raise ValueError("give the languages to steer (langs=) or a recorded config (config=)")
-        inner = unwrap_model(model)
-        if SoteriaPatcher.is_steered(model):
-            raise ValueError(
-                "this model is already steered by soteria (config.soteria is set); "
-                "start from the base model (in Python, SoteriaPatcher.revert(model) restores it)"
+        if isinstance(langs, SoteriaConfig):
+            if config is not None:
+                raise ValueError("give the config once (as the second argument or as config=)")
+            config, langs = langs, None
+        if config is None:
+            if langs is None:
+                raise ValueError("give the languages to steer (langs=) or a SoteriaConfig")
+            config = SoteriaConfig(
+                languages=lang_list(langs),
+                heads=heads,
+                scale=scale,
+                relative_scale=relative_scale,
+                harm_source=os.fspath(harm) if isinstance(harm, (str, os.PathLike)) else "",
+                method=method,
+                top_k=top_k,
+                find_options=find_kwargs,
+                harm_options=harm_kwargs,
             )
-        sites = head_sites(model)
-        n_layers, n_heads = len(sites), sites[0].num_heads
-        langs, per_lang, scales = check_plan(langs, heads, scale, n_layers, n_heads)
-        if relative_scale is not None:
-            if scales != "auto":
-                raise ValueError("give scale= or relative_scale=, not both (relative_scale needs scale='auto')")
-            check_relative(relative_scale, langs)
-        find_kwargs = dict(find_kwargs or {})
-        harm_kwargs = dict(harm_kwargs or {})
-        if heads is None:
-            check_find(langs, method, top_k, n_layers * n_heads, tokenizer, find_kwargs)
-
-        if harm is None:
-            if tokenizer is None:
-                raise ValueError("harm=None derives the harm direction from gradients and needs tokenizer=")
-            missing = [x for x in langs if x not in harmful_languages()]
-            if missing and "data" not in harm_kwargs and "langs" not in harm_kwargs:
-                raise ValueError(
-                    f"no built-in refusal data for {', '.join(missing)} (built in: {', '.join(harmful_languages())}); "
-                    "give harm= (a harmful fine-tune or a HarmVector) or your own refusal pairs "
-                    "(harm_kwargs={'data': ...})"
-                )
-        elif isinstance(harm, (str, os.PathLike)):
-            harm = HarmVector.from_pretrained(harm, base=model, **harm_kwargs)
-        elif not isinstance(harm, HarmVector):
-            raise ValueError(f"harm must be a HarmVector, a path or Hub id, or None; got {type(harm).__name__}")
-        if isinstance(harm, HarmVector):
-            harm.check(model)
-
-        if per_lang is None:
-            # All languages in shared batches: one pass over the model per batch, one progress bar.
-            find_kwargs.setdefault("stop_k", top_k)  # n_trials="auto" watches the set that will be steered
-            found = find_heads_multi(model, tokenizer, langs, method=method, progress=progress, **find_kwargs)
-            per_lang = {lang: [tuple(p) for p in found[lang].top(top_k)] for lang in langs}
-            recorded_method, recorded_k = method, top_k
         else:
-            recorded_method, recorded_k = "explicit", None
-
-        if harm is None:
-            if "data" not in harm_kwargs and "langs" not in harm_kwargs:
-                harm_kwargs["langs"] = langs
-            if harm_kwargs.get("data") is None:
-                harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
-            harm_kwargs.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)
-            harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
-        harm.check(model, layers=sorted({layer for pairs in per_lang.values() for layer, _ in pairs}))
-        if scales == "auto" and (relative_scale is not None or harm.kind == "tau"):
-            relative = check_relative(DEFAULT_RELATIVE_SCALE if relative_scale is None else relative_scale, langs)
-            scales = {lang: calibrated_scale(model, harm, per_lang[lang], scale_of(relative, lang)) for lang in langs}
-        else:
-            relative = None
-            scales = 1.0 if scales == "auto" else scales
-
-        config = SoteriaConfig(
-            languages=langs,
-            heads=per_lang,
-            scale=scales,
-            relative_scale=relative,
-            harm_source=harm.source,
-            harm_kind=harm.kind,
-            method=recorded_method,
-            top_k=recorded_k,
-            model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
-        )
-        plan = layer_plan(config)
-
-        overlays: list[tuple[dict, str, torch.Tensor | None]] = []
-        try:
-            weights = {layer: editable_weight(inner, sites[layer], overlays) for layer in sorted(plan)}
-            slices = steer_slices(sites, weights, plan, harm)
-        except BaseException:
-            drop_overlays(overlays)
-            raise
-        _record(inner, sites, config, slices, overlays)
-        return model
+            check_config_call(config, langs, heads, scale, relative_scale, top_k, method, find_kwargs, harm_kwargs)
+        return _steer(model, config, harm, tokenizer, progress)
 
     @staticmethod
     def write_slices(
@@ -355,20 +301,77 @@ def _record(inner: nn.Module, sites, config: SoteriaConfig, saved: dict, overlay
         inner.config.soteria = config.to_dict()
 
 
-def _from_config(config, langs, heads, scale, relative_scale, harm):
-    """``(langs, heads, scale)`` of a recorded :class:`SoteriaConfig`, after checking the call agrees."""
-    if not isinstance(config, SoteriaConfig):
-        raise ValueError(f"config must be a SoteriaConfig, got {type(config).__name__}")
-    if heads is not None or relative_scale is not None or scale != "auto":
-        raise ValueError("config= gives the heads and scales; do not pass heads=, scale= or relative_scale= too")
-    if langs is not None and lang_list(langs) != list(config.languages):
-        raise ValueError(f"langs {langs!r} differ from the config's languages {config.languages}")
-    if harm is None:
+def _steer(model: nn.Module, request: SoteriaConfig, harm, tokenizer, progress: bool) -> nn.Module:
+    """Resolve ``request`` (find heads, read or derive the harm vector, calibrate the scale), edit, record."""
+    inner = unwrap_model(model)
+    if SoteriaPatcher.is_steered(model):
         raise ValueError(
-            f"config= needs harm= too: the harm vector it was made with ({config.harm_source or 'unknown'})"
+            "this model is already steered by soteria (config.soteria is set); "
+            "start from the base model (in Python, SoteriaPatcher.revert(model) restores it)"
         )
-    return (
-        list(config.languages),
-        {lang: list(map(tuple, config.heads[lang])) for lang in config.languages},
-        config.scale,
+    sites = head_sites(model)
+    n_layers, n_heads = len(sites), sites[0].num_heads
+    langs, per_lang, scales = check_plan(request.languages, request.heads, request.scale, n_layers, n_heads)
+    relative_scale = request.relative_scale
+    if relative_scale is not None and scales != "auto" and not request.is_resolved:  # a record keeps both
+        raise ValueError("give scale= or relative_scale=, not both (relative_scale needs scale='auto')")
+    find_kwargs, harm_kwargs = dict(request.find_options), dict(request.harm_options)
+    top_k = DEFAULT_TOP_K if request.top_k is None else request.top_k
+    method = request.method or "atp"
+    if per_lang is None:
+        check_find(langs, method, top_k, n_layers * n_heads, tokenizer, find_kwargs)
+
+    harm = resolve_harm(model, request, harm, tokenizer, harm_kwargs)
+    if isinstance(harm, HarmVector):
+        harm.check(model)
+
+    if per_lang is None:
+        # All languages in shared batches: one pass over the model per batch, one progress bar.
+        find_kwargs.setdefault("stop_k", top_k)  # n_trials="auto" watches the set that will be steered
+        found = find_heads_multi(model, tokenizer, langs, method=method, progress=progress, **find_kwargs)
+        per_lang = {lang: [tuple(p) for p in found[lang].top(top_k)] for lang in langs}
+        recorded_method, recorded_k, find_options = method, top_k, dict(request.find_options)
+    elif request.method in ("atp", "exact"):  # a record of found heads, repeated
+        recorded_method, recorded_k, find_options = request.method, request.top_k, dict(request.find_options)
+    else:
+        recorded_method, recorded_k, find_options = "explicit", None, {}
+
+    if harm is None:
+        if "data" not in harm_kwargs and "langs" not in harm_kwargs:
+            harm_kwargs["langs"] = langs
+        if harm_kwargs.get("data") is None:
+            harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
+        harm_kwargs.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)
+        harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
+    harm.check(model, layers=sorted({layer for pairs in per_lang.values() for layer, _ in pairs}))
+    if scales == "auto" and (relative_scale is not None or harm.kind == "tau"):
+        relative = check_relative(DEFAULT_RELATIVE_SCALE if relative_scale is None else relative_scale, langs)
+        scales = {lang: calibrated_scale(model, harm, per_lang[lang], scale_of(relative, lang)) for lang in langs}
+    else:
+        relative = relative_scale if request.is_resolved else None
+        scales = 1.0 if scales == "auto" else scales
+
+    config = SoteriaConfig(
+        languages=langs,
+        heads=per_lang,
+        scale=scales,
+        relative_scale=relative,
+        harm_source=harm.source,
+        harm_kind=harm.kind,
+        method=recorded_method,
+        top_k=recorded_k,
+        find_options=find_options,
+        harm_options=request.harm_options,
+        model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
     )
+    warn_shared(config)
+    plan = layer_plan(config)
+    overlays: list[tuple[dict, str, torch.Tensor | None]] = []
+    try:
+        weights = {layer: editable_weight(inner, sites[layer], overlays) for layer in sorted(plan)}
+        slices = steer_slices(sites, weights, plan, harm)
+    except BaseException:
+        drop_overlays(overlays)
+        raise
+    _record(inner, sites, config, slices, overlays)
+    return model

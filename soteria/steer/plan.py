@@ -7,8 +7,9 @@ cast exactly alike to give the same bytes: :func:`check_plan`, :func:`layer_plan
 
 from __future__ import annotations
 
-import math
 import numbers
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -16,14 +17,17 @@ from torch import nn
 
 from ..arch import head_sites, unwrap_model
 from ..harm import HarmVector
+from ..harm.data import harmful_languages
 from ..heads.attribution import METHODS
 from ..heads.probes import languages
 from ..langs import lang_list
-from .config import SoteriaConfig
+from .config import SoteriaConfig, check_relative, check_scale
 from .offload import drop_overlays, editable_weight
 
 __all__ = [
     "calibrated_scale",
+    "harm_path",
+    "check_config_call",
     "check_find",
     "check_heads",
     "check_plan",
@@ -31,7 +35,9 @@ __all__ = [
     "check_scale",
     "layer_plan",
     "operand_dtype",
+    "resolve_harm",
     "scale_of",
+    "warn_shared",
 ]
 
 
@@ -78,41 +84,6 @@ def layer_plan(config: SoteriaConfig) -> dict[int, tuple[list[int], list[float]]
         plan[layer][0].append(head)
         plan[layer][1].append(s)
     return plan
-
-
-def check_scale(scale: Any, langs: list[str]) -> float | dict[str, float] | str:
-    """``scale`` checked: ``"auto"``, or finite floats >= 0 (a negative scale would add the harm direction)."""
-    if isinstance(scale, str):
-        if scale != "auto":
-            raise ValueError(f"scale must be a finite float, {{lang: float}} or 'auto', got {scale!r}")
-        return scale
-
-    def one(v, what):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise ValueError(f"{what} must be a finite float, got {v!r}")
-        if v < 0:
-            raise ValueError(f"{what} is {v}: a negative scale adds the harm direction instead of removing it")
-        return float(v)
-
-    if isinstance(scale, dict):
-        missing = [x for x in langs if x not in scale]
-        extra = [x for x in scale if x not in langs]
-        if missing or extra:
-            raise ValueError(f"scale must give one value per language: missing {missing}, unexpected {extra}")
-        return {lang: one(scale[lang], f"scale[{lang!r}]") for lang in langs}
-    return one(scale, "scale")
-
-
-def check_relative(relative: Any, langs: list[str]) -> float | dict[str, float]:
-    """A positive relative scale, one or per language; ValueError otherwise."""
-    values = relative.values() if isinstance(relative, dict) else [relative]
-    if any(isinstance(v, numbers.Real) and not isinstance(v, bool) and v <= 0 for v in values):
-        raise ValueError(f"relative_scale must be a positive float or {{lang: positive float}}, got {relative!r}")
-    checked = check_scale(relative, langs)
-    values = checked.values() if isinstance(checked, dict) else [checked]
-    if isinstance(checked, str) or not all(v > 0 for v in values):
-        raise ValueError(f"relative_scale must be a positive float or {{lang: positive float}}, got {relative!r}")
-    return checked
 
 
 def scale_of(value: float | dict[str, float], lang: str) -> float:
@@ -193,3 +164,77 @@ def check_heads(heads: Any, langs: list[str], n_layers: int, n_heads: int) -> di
         return {lang: _check_pairs(heads[lang], f"heads[{lang!r}]", n_layers, n_heads) for lang in langs}
     pairs = _check_pairs(heads, "heads", n_layers, n_heads)
     return {lang: list(pairs) for lang in langs}
+
+
+def check_config_call(config, langs, heads, scale, relative_scale, top_k, method, find_kwargs, harm_kwargs) -> None:
+    """With ``apply(model, config)``: nothing else of the request given, and the same languages."""
+    if not isinstance(config, SoteriaConfig):
+        raise ValueError(f"config must be a SoteriaConfig, got {type(config).__name__}")
+    given = [
+        name
+        for name, value, default in (
+            ("heads", heads, None),
+            ("scale", scale, "auto"),
+            ("relative_scale", relative_scale, None),
+            ("top_k", top_k, None),
+            ("method", method, None),
+            ("find_kwargs", find_kwargs, None),
+            ("harm_kwargs", harm_kwargs, None),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(f"the config holds the request; do not pass {', '.join(given)} as well")
+    if langs is not None and lang_list(langs) != list(config.languages):
+        raise ValueError(f"langs {langs!r} differ from the config's languages {config.languages}")
+
+
+def harm_path(source: str) -> str:
+    """The path or Hub id to read a harm vector from, given a request's or a record's ``harm_source``
+    (:attr:`HarmVector.source`: ``"checkpoint:PATH"``, ``"file:PATH"``, or a plain path or Hub id)."""
+    kind, _, rest = source.partition(":")
+    if kind in ("checkpoint", "file") and rest:
+        return rest
+    if kind in ("models", "gradients"):
+        raise ValueError(f"the harm direction {source!r} cannot be read from a file; give it (harm=, --harm)")
+    return source
+
+
+def resolve_harm(model, request: SoteriaConfig, harm, tokenizer, harm_kwargs: dict):
+    """The harm vector to use: ``harm`` itself, read from a path, or from the request's ``harm_source``;
+    None for the gradient direction (computed once the heads are known)."""
+    if isinstance(harm, HarmVector):
+        return harm
+    if harm is not None and not isinstance(harm, (str, os.PathLike)):
+        raise ValueError(f"harm must be a HarmVector, a path or Hub id, or None; got {type(harm).__name__}")
+    source = os.fspath(harm) if harm is not None else request.harm_source
+    if source and not source.startswith("gradients:"):
+        return HarmVector.from_pretrained(harm_path(source), base=model, **harm_kwargs)
+    if tokenizer is None:
+        raise ValueError("harm=None derives the harm direction from gradients and needs tokenizer=")
+    langs = request.languages
+    missing = [x for x in langs if x not in harmful_languages()]
+    if missing and "data" not in harm_kwargs and "langs" not in harm_kwargs:
+        raise ValueError(
+            f"no built-in refusal data for {', '.join(missing)} (built in: {', '.join(harmful_languages())}); "
+            "give harm= (a harmful fine-tune or a HarmVector) or your own refusal pairs "
+            "(harm_kwargs={'data': ...})"
+        )
+    return None
+
+
+def warn_shared(config: SoteriaConfig) -> None:
+    """Warn once when a head is shared by languages with different scales (it takes the largest)."""
+    if not isinstance(config.scale, dict):
+        return
+    owners: dict[tuple[int, int], set[float]] = {}
+    for lang in config.languages:
+        for p in config.heads[lang]:
+            owners.setdefault(p, set()).add(config.scale[lang])
+    shared = sorted(p for p, values in owners.items() if len(values) > 1)
+    if shared:
+        warnings.warn(
+            f"{len(shared)} head(s) are selected for languages with different scales, e.g. {shared[0]}; "
+            "each is steered once, with the largest of those scales",
+            stacklevel=4,
+        )
