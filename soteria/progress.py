@@ -42,9 +42,9 @@ class LogProgress:
         if self.total:
             pct = 100.0 * self.n / self.total
             left = f", about {elapsed / self.n * (self.total - self.n):.0f} s left" if 0 < self.n < self.total else ""
-            head = f"{self.n}/{self.total} {self.unit} ({pct:.0f}%), {elapsed:.0f} s elapsed{left}"
+            head = f"{_count(self.n)}/{self.total} {self.unit} ({pct:.0f}%), {elapsed:.0f} s elapsed{left}"
         else:
-            head = f"{self.n} {self.unit}, {elapsed:.0f} s elapsed"
+            head = f"{_count(self.n)} {self.unit}, {elapsed:.0f} s elapsed"
         return f"{self.desc}: {head}" + (f" [{self.postfix}]" if self.postfix else "")
 
     def _emit(self) -> None:
@@ -82,6 +82,11 @@ class LogProgress:
                 self.update(1)
         finally:
             self.close()
+
+
+def _count(n: float) -> str:
+    """A count as a log line shows it: whole when it is (up to float rounding), else one decimal."""
+    return f"{n:.0f}" if abs(n - round(n)) < 1e-6 else f"{n:.1f}"
 
 
 def progress_bar(

@@ -343,6 +343,18 @@ def test_find_heads_progress_shows_in_logs_when_stderr_is_not_a_terminal(tok, ca
     assert capsys.readouterr().err == ""
 
 
+def test_find_heads_log_lines_move_during_the_clean_mean_pass(tok, capsys):
+    """The 8 clean prompts' mean pass (one batch) counts for a quarter of each AtP trial, so a log
+    shows 2/8 before the attribution batch brings it to 8/8."""
+    find_heads(tiny_model("gpt2"), tok, "xx", cache=False, **{**SMALL, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 1)[1].split(",")[0] for line in lines] == [
+        "0/8 trial",
+        "2/8 trial (25%)",
+        "8/8 trial (100%)",
+    ]
+
+
 def test_find_heads_bad_input(tok):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="method"):
