@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
 from ..export import CONFIG_NAME, push_to_hub, save_steered, steer_checkpoint
-from ..io.atomic import check_target
+from ..io.atomic import check_target, check_writable
 from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
 from ..steer.plan import check_plan
@@ -51,6 +51,7 @@ def run(args) -> int:
     heads = {lang: [tuple(p) for p in config.heads[lang]] for lang in langs} if config else heads_arg(args, langs)
     check_scale_arg(scale, langs)
     check_target(Path(os.path.abspath(args.out)), args.overwrite, ours=CONFIG_NAME)  # before the model loads
+    check_writable(args.out)
     if heads is not None:  # explicit heads against the model's shape, read from its config alone
         shape = model_shape(args.model, gguf_file=args.gguf_file)
         if shape is not None:
