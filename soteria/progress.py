@@ -84,9 +84,10 @@ class LogProgress:
             self.close()
 
 
-def _count(n: float) -> str:
-    """A count as a log line shows it: whole when it is (up to float rounding), else one decimal."""
-    return f"{n:.0f}" if abs(n - round(n)) < 1e-6 else f"{n:.1f}"
+def _count(n: float) -> int | float:
+    """A count as shown: whole when it is (up to float rounding), else to one decimal (the
+    attribution's progress comes in fractions of a trial)."""
+    return round(n) if abs(n - round(n)) < 1e-6 else round(n, 1)
 
 
 def progress_bar(
@@ -106,7 +107,13 @@ def progress_bar(
         total = len(iterable)
     if enabled and not _is_terminal(sys.stderr):
         return LogProgress(total, desc, unit, iterable=iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, **tqdm_kwargs)
+
+    class Bar(tqdm):  # "2.3/8", "8/8" rather than "2.3333333333/8", "8.0/8"
+        @property
+        def format_dict(self):
+            return {**super().format_dict, "n": _count(self.n)}
+
+    return Bar(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, **tqdm_kwargs)
 
 
 def _is_terminal(stream) -> bool:

@@ -171,7 +171,7 @@ def _check_positive(name: str, value: Any) -> int:
     return value
 
 
-def _progress(total: int, desc: str, enabled: bool, leave: bool = False):
+def _progress(total: int, desc: str, enabled: bool, leave: bool):
     return progress_bar(total=total, desc=desc, unit="prompt", enabled=enabled, leave=leave)
 
 
