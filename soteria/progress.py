@@ -42,9 +42,9 @@ class LogProgress:
         if self.total:
             pct = 100.0 * self.n / self.total
             left = f", about {elapsed / self.n * (self.total - self.n):.0f} s left" if 0 < self.n < self.total else ""
-            head = f"{self.n}/{self.total} {self.unit} ({pct:.0f}%), {elapsed:.0f} s elapsed{left}"
+            head = f"{_count(self.n)}/{self.total} {self.unit} ({pct:.0f}%), {elapsed:.0f} s elapsed{left}"
         else:
-            head = f"{self.n} {self.unit}, {elapsed:.0f} s elapsed"
+            head = f"{_count(self.n)} {self.unit}, {elapsed:.0f} s elapsed"
         return f"{self.desc}: {head}" + (f" [{self.postfix}]" if self.postfix else "")
 
     def _emit(self) -> None:
@@ -84,6 +84,12 @@ class LogProgress:
             self.close()
 
 
+def _count(n: float) -> int | float:
+    """A count as shown: whole when it is (up to float rounding), else to one decimal (the
+    attribution's progress comes in fractions of a trial)."""
+    return round(n) if abs(n - round(n)) < 1e-6 else round(n, 1)
+
+
 def progress_bar(
     iterable: Iterable | None = None,
     *,
@@ -101,7 +107,13 @@ def progress_bar(
         total = len(iterable)
     if enabled and not _is_terminal(sys.stderr):
         return LogProgress(total, desc, unit, iterable=iterable)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, **tqdm_kwargs)
+
+    class Bar(tqdm):  # "2.3/8", "8/8" rather than "2.3333333333/8", "8.0/8"
+        @property
+        def format_dict(self):
+            return {**super().format_dict, "n": _count(self.n)}
+
+    return Bar(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, **tqdm_kwargs)
 
 
 def _is_terminal(stream) -> bool:

@@ -316,3 +316,17 @@ def test_prompt_learning_adapters_are_refused():
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="prompt-learning adapter"):
         indirect_effects(model, tok, ["Q: a\nA: b"], ["Q: a\nA: c"], [" b"])
+
+
+@pytest.mark.parametrize("method", ["atp", "exact"])
+def test_progress_counts_the_clean_mean_pass(method, tok, monkeypatch):
+    """The clean mean pass runs first and moves the count after each of its batches (a bar no
+    longer sits at 0 through it); all calls add up to the number of corrupted prompts."""
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("llama")
+    events: list = []
+    model.register_forward_pre_hook(lambda *a: events.append("pass"))
+    indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method=method, batch_size=1, progress=events.append)
+    mean_pass = events[: 2 * len(CLEAN)]  # one clean prompt per batch, each followed by a count
+    assert mean_pass[0::2] == ["pass"] * len(CLEAN) and all(c != "pass" and c > 0 for c in mean_pass[1::2])
+    assert sum(e for e in events if e != "pass") == pytest.approx(len(CORRUPTED))

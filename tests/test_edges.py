@@ -4,11 +4,16 @@ silent fallback."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+import soteria.cli.demo as demo_cmd
 import soteria.cli.evaluate as evaluate_cmd
 import soteria.cli.heads as heads_cmd
 import soteria.cli.steer as steer_cmd
+import soteria.cli.tune as tune_cmd
 from soteria import SoteriaPatcher
 from soteria.cli import main
 from soteria.langs import lang_list
@@ -27,8 +32,12 @@ def no_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    for module in (steer_cmd, heads_cmd, evaluate_cmd):
-        monkeypatch.setattr(module, "load_model", refuse, raising=False)
+    for module in (steer_cmd, heads_cmd, tune_cmd):
+        monkeypatch.setattr(module, "load_model", refuse)
+    for name in ("load_causal_lm", "load_tokenizer"):
+        monkeypatch.setattr(evaluate_cmd, name, refuse)
+    for name in ("load_pretrained", "tiny_model"):
+        monkeypatch.setattr(demo_cmd, name, refuse)
 
 
 def _err(capsys, *argv) -> str:
@@ -65,6 +74,41 @@ def test_an_existing_out_is_refused_before_the_model_loads(tmp_path, capsys, no_
     msg = _err(capsys, "steer", "tiny:llama", "--langs", "hi", "--out", str(tmp_path / "o"), "--overwrite")
     assert "holds files this did not write (notes.txt" in msg
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["heads", "tiny:llama", "--langs", "hi"],
+        ["steer", "tiny:llama", "--langs", "hi"],
+        ["eval", "tiny:llama", "--langs", "hi"],
+        ["demo", "--tiny"],
+        ["demo"],
+        ["tune", "tiny:llama", "--langs", "hi"],
+    ],
+    ids=" ".join,
+)
+@pytest.mark.parametrize("how", ["under a file", "read-only"])
+def test_an_unwritable_out_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, no_load, command, how):
+    """Root writes through any chmod, so both cases hold for root: an --out whose nearest existing
+    ancestor is a file (executable, which root's os.access passes), and a folder the write check
+    is told is read-only."""
+    if how == "under a file":
+        (tmp_path / "file").write_text("not a folder")
+        (tmp_path / "file").chmod(0o755)
+        out, match = tmp_path / "file" / "out", "is a file, not a folder"
+    else:
+        (tmp_path / "ro").mkdir()
+        access = os.access
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda p, mode, **kw: not (mode & os.W_OK and Path(p) == tmp_path / "ro") and access(p, mode, **kw),
+        )
+        out, match = tmp_path / "ro" / "out", f"cannot write to {tmp_path / 'ro'}"
+    msg = _err(capsys, *command, "--out", str(out))
+    assert msg.startswith(f"soteria {command[0]}: error: --out {out}") and match in msg, msg
+    assert not out.exists()
 
 
 def test_prompts_longer_than_the_context_name_n_shots(tmp_path, capsys):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import re
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -159,3 +163,24 @@ def test_model_judges_show_a_progress_bar_on_request(capsys):
     guard, gtok = _guard("safe")
     assert GuardJudge(guard, gtok, max_new_tokens=1, progress=True).judge(PROMPTS, RESPONSES) == [SAFE] * 5
     assert "judge" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the judges draw tqdm bars into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_model_judge_bars_end_at_their_total_on_a_terminal(monkeypatch):
+    """Batches faster than tqdm's redraw interval: each bar still ends showing its total."""
+    tok = tiny_tokenizer()
+    guard, gtok = _guard("safe")
+    judges = [(ClassifierJudge(_classifier({0: "safe", 1: "unsafe"}), tok, batch_size=2, progress=True), "3/3"),
+              (GuardJudge(guard, gtok, max_new_tokens=1, batch_size=2, progress=True), "5/5")]  # fmt: skip
+    for judge, end in judges:
+        term = _Terminal()
+        monkeypatch.setattr(sys, "stderr", term)
+        judge.judge(PROMPTS, RESPONSES)
+        frames = [f for f in re.split(r"[\r\n]", term.getvalue()) if f.strip()]
+        assert frames and frames[-1].startswith("judge:") and end in frames[-1] and "100%" in frames[-1], frames

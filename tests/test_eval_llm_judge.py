@@ -7,9 +7,11 @@ malformed JSON, 429 with Retry-After, 500s, delays beyond the client timeout, 40
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -347,3 +349,23 @@ def test_configuration_errors(monkeypatch):
 )
 def test_parse_verdict(answer, label):
     assert parse_verdict(answer) == label
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the judge draws a tqdm bar into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_ends_at_its_total_on_a_terminal(server, monkeypatch):
+    """Answers from concurrent workers land within tqdm's redraw interval; the bar still ends
+    showing every pair judged (it stays on screen at its last count instead of being erased)."""
+    url, _ = server
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    prompts, responses = _pairs(*["safe"] * 6, "harmful", "harmful")
+    _judge(url, workers=4, progress=True).judge(prompts, responses)
+    frames = [f for f in re.split(r"[\r\n]", term.getvalue()) if f.strip()]
+    assert frames and frames[-1].startswith("judge:"), frames
+    assert "8/8" in frames[-1] and "100%" in frames[-1], frames

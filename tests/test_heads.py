@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -318,7 +319,8 @@ def test_find_heads_progress_bar_counts_trials(tok, monkeypatch, method):
     class Recorder(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
             self.asked_disable = kwargs.get("disable")
-            kwargs.update(disable=False, file=io.StringIO())
+            self.out = io.StringIO()
+            kwargs.update(disable=False, file=self.out)
             super().__init__(*args, **kwargs)
             bars.append(self)
 
@@ -331,6 +333,8 @@ def test_find_heads_progress_bar_counts_trials(tok, monkeypatch, method):
     find_heads(model, tok, "xx", method=method, cache=False, **SMALL)
     assert [b.asked_disable for b in bars] == [False, True]
     assert bars[0].total == 8 and bars[0].n == pytest.approx(8)
+    counts = re.findall(r"\| ([\d.]+)/8 \[", bars[0].out.getvalue())  # fractions of a trial: one decimal at most
+    assert counts[-1] == "8" and all(re.fullmatch(r"\d+(\.\d)?", c) for c in counts), counts
 
 
 def test_find_heads_progress_shows_in_logs_when_stderr_is_not_a_terminal(tok, capsys):
@@ -341,6 +345,18 @@ def test_find_heads_progress_shows_in_logs_when_stderr_is_not_a_terminal(tok, ca
     assert "8/8 trial (100%)" in lines[-1]
     find_heads(model, tok, "xx", cache=False, **SMALL)
     assert capsys.readouterr().err == ""
+
+
+def test_find_heads_log_lines_move_during_the_clean_mean_pass(tok, capsys):
+    """The 8 clean prompts' mean pass (one batch) counts for a quarter of each AtP trial, so a log
+    shows 2/8 before the attribution batch brings it to 8/8."""
+    find_heads(tiny_model("gpt2"), tok, "xx", cache=False, **{**SMALL, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 1)[1].split(",")[0] for line in lines] == [
+        "0/8 trial",
+        "2/8 trial (25%)",
+        "8/8 trial (100%)",
+    ]
 
 
 def test_find_heads_bad_input(tok):

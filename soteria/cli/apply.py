@@ -7,13 +7,14 @@ from pathlib import Path
 
 from ..defaults import DEFAULT_MAX_KL
 from ..export import CONFIG_NAME, SoteriaPatch, push_to_hub, save_steered, steer_checkpoint
-from ..io.atomic import check_target
+from ..io.atomic import check_target, check_writable
 from ..models.loading import load_model
 
 
 def run(args) -> int:
     out = Path(os.path.abspath(args.out))
     check_target(out, args.overwrite, ours=CONFIG_NAME)  # before the patch and the model are read
+    check_writable(out)
     patch = SoteriaPatch.from_pretrained(args.patch)
     n = len(patch.slices)
     if args.streaming:

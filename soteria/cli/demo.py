@@ -31,6 +31,7 @@ from ..export.damage import harmless_kl
 from ..harm import HarmVector, refusal_loss
 from ..harm.data import load_harmful
 from ..heads import find_heads_multi
+from ..io.atomic import check_writable
 from ..models.pretrained import MODELS, load_pretrained
 from ..models.tiny import tiny_model, tiny_tokenizer
 from ..steer import SoteriaPatcher
@@ -56,7 +57,7 @@ SHOWN_WORDS = 6  # a harmful answer is shown by its first words only
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
-
+    check_writable(out_dir)
     replaceable = (out_dir / CONFIG_NAME).is_file() or (out_dir.is_dir() and not any(out_dir.iterdir()))
     if out_dir.exists() and not (overwrite and replaceable):
         raise FileExistsError(f"{out_dir} already exists and is not an earlier soteria output; choose another --out")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
 from ..export import CONFIG_NAME, PATCH_NAME, SoteriaPatch, damage_check, push_to_hub, save_steered, steer_checkpoint
-from ..io.atomic import check_target
+from ..io.atomic import check_target, check_writable
 from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
 from ..steer.plan import check_plan, harm_path
@@ -63,6 +63,7 @@ def run(args) -> int:
         raise ValueError("--patch-only writes the edit of a model steered in memory; drop --streaming")
     ours = PATCH_NAME if args.patch_only else CONFIG_NAME
     check_target(Path(os.path.abspath(args.out)), args.overwrite, ours=ours)  # before the model loads
+    check_writable(args.out)
     if heads is not None:  # explicit heads against the model's shape, read from its config alone
         shape = model_shape(args.model, gguf_file=args.gguf_file)
         if shape is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..io.atomic import check_writable
 from ..models.loading import load_model
 from ..tune import SearchSpace, tune
 from .args import add_model_args, harm_arg, load_scores, parse_langs, positive_int
@@ -28,6 +29,7 @@ def run(args) -> int:
     )  # checked before the model loads
     harm = harm_arg(args.harm)
     scores = load_scores(args.heads_from, langs) if args.heads_from else None
+    check_writable(args.out)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
     result = tune(
         model, tokenizer, langs, out_dir=args.out, n_trials=args.trials, harm=harm, space=space, max_kl=args.max_kl,

@@ -171,8 +171,8 @@ def _check_positive(name: str, value: Any) -> int:
     return value
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    return progress_bar(total=total, desc=desc, unit="prompt", enabled=enabled, leave=False)
+def _progress(total: int, desc: str, enabled: bool, leave: bool):
+    return progress_bar(total=total, desc=desc, unit="prompt", enabled=enabled, leave=leave)
 
 
 def generate_texts(
@@ -186,17 +186,18 @@ def generate_texts(
     do_sample: bool = False,
     progress: bool = False,
     desc: str = "generate",
+    leave: bool = False,
     **gen_kwargs,
 ) -> list[str]:
     """Generate a continuation for each ready-made input text (no template applied); batched and
-    left-padded, returned in input order."""
+    left-padded, returned in input order. ``leave``: the bar stays on screen at its last count."""
     _check_positive("batch_size", batch_size)
     _check_positive("max_new_tokens", max_new_tokens)
     rows = _tokenize(tokenizer, texts, add_special_tokens)
     out: list[str] = [""] * len(rows)
     batches = _generate_batches(
         model, tokenizer, dict(enumerate(rows)), batch_size=batch_size, max_new_tokens=max_new_tokens,
-        do_sample=do_sample, gen_kwargs=gen_kwargs, desc=desc, progress=progress,
+        do_sample=do_sample, gen_kwargs=gen_kwargs, desc=desc, progress=progress, leave=leave,
     )  # fmt: skip
     for idx, texts_out in batches:
         for i, t in zip(idx, texts_out):
@@ -205,11 +206,11 @@ def generate_texts(
 
 
 def _generate_batches(model, tokenizer, ids: dict[int, list[int]], *, batch_size, max_new_tokens, do_sample,
-                      gen_kwargs, desc, progress):  # fmt: skip
+                      gen_kwargs, desc, progress, leave=False):  # fmt: skip
     """Yields ``(keys, responses)`` batch by batch for ``{key: input ids}``, longest inputs first
     (less padding), in eval and inference mode, under one progress bar."""
     order = sorted(ids, key=lambda i: -len(ids[i]))
-    with frozen_eval(model, grad=False), torch.inference_mode(), _progress(len(ids), desc, progress) as bar:
+    with frozen_eval(model, grad=False), torch.inference_mode(), _progress(len(ids), desc, progress, leave) as bar:
         for idx in _batches(order, batch_size):
             responses = _generate_ids(
                 model, tokenizer, [ids[i] for i in idx], max_new_tokens=max_new_tokens, do_sample=do_sample,

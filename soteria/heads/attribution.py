@@ -237,10 +237,11 @@ def _target_probs(
 # --------------------------------------------------------------------------- the three passes
 
 
-def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world) -> list[torch.Tensor]:
+def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world, progress=None) -> list[torch.Tensor]:
     """``[G, H*D]`` per layer: mean over each group's prompts of the o_proj input at the last
     real token (fp32; fp64 for fp64 models), on that layer's device. Sharded and all-reduced
-    (in fp64) when ``world > 1``."""
+    (in fp64) when ``world > 1``. ``progress`` gets the share of this rank's pass each batch
+    finished (the shares add up to 1)."""
     mine = _schedule(ids, rank, world)
     sums: list[torch.Tensor | None] = [None] * len(sites)
     device = input_device(model)
@@ -266,6 +267,10 @@ def _group_means(model, tokenizer, ids, groups, n_groups, bs, sites, rank, world
             batch_ids, mask, last = _encode(tokenizer, [ids[i] for i in rows], device)
             state.update(B=b - a, last=last, groups=groups[rows])
             model(input_ids=batch_ids, attention_mask=mask, use_cache=False, **_one_logit(model))
+            if progress is not None:
+                progress((b - a) / len(mine))
+    if progress is not None and not mine:  # a rank without clean prompts: its pass is done at once
+        progress(1.0)
     if mine and any(s is None for s in sums):
         raise RuntimeError("an output projection was never called during the forward pass")
     counts = torch.bincount(groups, minlength=n_groups).clamp_min(1)  # every rank knows all prompts
@@ -301,6 +306,17 @@ def mean_activations(
     bs = batch_size or DEFAULT_BATCH_SIZE["exact"]
     with torch.inference_mode(False):
         return [m[0] for m in _group_means(model, tokenizer, ids, groups, 1, bs, sites, rank, world)]
+
+
+def _mean_share(method: str, sites) -> float:
+    """The clean mean pass's share of a trial's work, for progress: one forward pass per clean
+    prompt against a corrupted prompt's forward and backward pass (AtP, about three forwards)
+    or its ``L*H + 1`` patched and unpatched rows (exact)."""
+    return 0.25 if method == "atp" else 1.0 / (len(sites) * sites[0].num_heads + 2)
+
+
+def _scaled(progress: Progress, factor: float) -> Progress:
+    return None if progress is None else (lambda n: progress(n * factor))
 
 
 def _one_logit(model) -> dict:
@@ -443,8 +459,10 @@ def indirect_effects(
             heads packed into one batched pass; equal to patching one head at a time).
         batch_size: rows per forward pass (default ``DEFAULT_BATCH_SIZE[method]``).
         progress: called with the number of corrupted prompts finished (a fraction of one with
-            the exact method) after each forward pass; e.g. a ``tqdm`` bar's ``update``. Under
-            ``torch.distributed`` it counts this rank's prompts.
+            the exact method) after each forward pass; e.g. a ``tqdm`` bar's ``update``. The
+            clean mean pass, which runs first, counts for a share of each (:func:`_mean_share`),
+            so a bar moves from the start; the calls add up to the number of corrupted prompts
+            (this rank's, under ``torch.distributed``).
         clean_groups, corrupted_groups: optional integer labels (one per prompt) for running
             several tasks or languages in shared batches: corrupted prompt ``i`` is patched with
             the mean over the clean prompts of group ``corrupted_groups[i]`` (each row's result
@@ -484,10 +502,12 @@ def indirect_effects(
         if world > 1:
             shape = (len(sites), sites[0].num_heads, sites[0].head_dim)
             _check_same_everywhere([clean_ids, corrupted_ids, tgt, cg, kg, method, bs, shape])
-        means = _group_means(model, tokenizer, clean_ids, cg, n_groups, bs, sites, rank, world)
         mine = torch.tensor(_schedule(corrupted_ids, rank, world), dtype=torch.long)
+        share = _mean_share(method, sites)  # of each corrupted prompt's count, for the clean mean pass
+        means = _group_means(model, tokenizer, clean_ids, cg, n_groups, bs, sites, rank, world,
+                             _scaled(progress, share * len(mine)))  # fmt: skip
         rows = [corrupted_ids[i] for i in mine.tolist()]
-        part = run(model, tokenizer, sites, means, rows, kg[mine], tgt[mine], bs, progress)
+        part = run(model, tokenizer, sites, means, rows, kg[mine], tgt[mine], bs, _scaled(progress, 1 - share))
         out = torch.zeros(len(corrupted), len(sites), sites[0].num_heads, dtype=torch.float32)
         out[mine] = part
         if world > 1:  # each row is non-zero on one rank only, so the sum is exact

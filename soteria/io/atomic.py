@@ -132,6 +132,8 @@ def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{what} {path} is a file; give a folder")
     probe = path if path.is_dir() else next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not probe.is_dir():  # root's os.access passes an executable file
+        raise NotADirectoryError(f"{what} {path}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PermissionError(f"{what} {path}: cannot write to {probe}")
     return path

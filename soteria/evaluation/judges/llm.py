@@ -356,7 +356,7 @@ class LLMJudge(Judge):
 
         with (
             cf.ThreadPoolExecutor(max_workers=self.workers) as pool,
-            progress_bar(total=len(todo), desc="judge", enabled=self.progress, leave=False) as bar,
+            progress_bar(total=len(todo), desc="judge", enabled=self.progress) as bar,  # left on screen at its end
         ):
             futures = [pool.submit(run, key) for key in todo]
             try:

@@ -149,7 +149,7 @@ class ClassifierJudge(Judge):
         out: list[Verdict] = []
         device = input_device(self.model)
         with torch.inference_mode():
-            for start in progress_bar(range(0, len(rows), bs), desc="judge", enabled=self.progress, leave=False):
+            for start in progress_bar(range(0, len(rows), bs), desc="judge", enabled=self.progress):
                 chunk = rows[start : start + bs]
                 ids, mask, _ = encode_batch(self.tokenizer, chunk, padding_side="right", device=device)
                 if getattr(self.model.config, "pad_token_id", None) is not None:
@@ -239,5 +239,6 @@ class GuardJudge(Judge):
             max_new_tokens=self.max_new_tokens,
             progress=self.progress,
             desc="judge",
+            leave=True,
         )
         return [Verdict(parse_guard(a, self.harmful_words, self.safe_words), a) for a in answers]
