@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import soteria.cli.apply as apply_cmd
 import soteria.cli.demo as demo_cmd
 import soteria.cli.evaluate as evaluate_cmd
 import soteria.cli.heads as heads_cmd
@@ -32,8 +33,9 @@ def no_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    for module in (steer_cmd, heads_cmd, tune_cmd):
+    for module in (steer_cmd, heads_cmd, tune_cmd, apply_cmd):
         monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(apply_cmd.SoteriaPatch, "from_pretrained", refuse)
     for name in ("load_causal_lm", "load_tokenizer"):
         monkeypatch.setattr(evaluate_cmd, name, refuse)
     for name in ("load_pretrained", "tiny_model"):
@@ -85,6 +87,8 @@ def test_an_existing_out_is_refused_before_the_model_loads(tmp_path, capsys, no_
         ["demo", "--tiny"],
         ["demo"],
         ["tune", "tiny:llama", "--langs", "hi"],
+        ["apply", "some/patch", "--model", "tiny:llama"],
+        ["steer", "tiny:llama", "--langs", "hi", "--patch-only"],
     ],
     ids=" ".join,
 )
