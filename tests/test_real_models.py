@@ -203,6 +203,48 @@ def test_steer_save_reload_and_revert_on_real_weights(smol, smol_scores, tmp_pat
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_patch_of_a_real_steering_is_small_and_exact_in_memory_and_on_disk(smol, smol_dir, smol_scores, tmp_path):
+    from safetensors.torch import load_file
+
+    from soteria import SoteriaPatch, steer_checkpoint
+    from soteria.io.checkpoint import shard_files
+
+    model, tok = smol
+    harm = HarmVector.from_gradients(model, tok, langs=["en"], progress=False)
+    SoteriaPatcher.apply(model, ["en"], heads=smol_scores.top(16), harm=harm, scale=2.0)
+    try:
+        steered = {k: v.clone() for k, v in model.state_dict().items()}
+        patch = SoteriaPatch.from_model(model)
+    finally:
+        SoteriaPatcher.revert(model)
+    out = patch.save(tmp_path / "patch")
+    size = (out / "soteria_patch.safetensors").stat().st_size
+    assert patch.nbytes == 16 * 576 * 64 * 4  # 16 heads x d_model 576 x D 64, fp32
+    assert patch.nbytes < size <= patch.nbytes + 64 * 1024
+    fresh = SoteriaPatch.from_pretrained(out)
+    fresh.apply(model)
+    try:
+        assert all(torch.equal(v, steered[k]) for k, v in model.state_dict().items())
+    finally:
+        SoteriaPatcher.revert(model)
+    disk = steer_checkpoint(smol_dir, tmp_path / "streamed", patch=fresh, progress=False)
+    tensors = {}
+    for shard in shard_files(disk):
+        tensors.update(load_file(shard))
+    for k, v in tensors.items():
+        assert torch.equal(v, steered[k]), k
+    weight = model.model.layers[min(fresh.fingerprints)].self_attn.o_proj.weight  # a layer the patch edits
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1.0  # another "revision" of the base
+    try:
+        with pytest.raises(ValueError, match="not the base tensor"):
+            fresh.apply(model)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
 def test_write_guard_refuses_a_broken_model(smol, smol_scores, tmp_path):
     from soteria.export.damage import SteeringDamageError
 
