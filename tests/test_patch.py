@@ -264,3 +264,21 @@ def test_cli_patch_only_apply_and_push(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
     assert main(["push", str(tmp_path / "p"), "me/tiny-patch"]) == 0
     assert calls["upload"]["commit_message"] == "Upload soteria patch (hi)"
+
+
+def test_from_pretrained_hub_id_downloads_the_file(tmp_path, monkeypatch):
+    from soteria.export.push import SoteriaHubError
+
+    out = SoteriaPatch.from_model(_steered("llama")).save(tmp_path / "p")
+    calls = []
+
+    def download(repo_id, filename, **kw):
+        calls.append((repo_id, filename, kw["revision"]))
+        return str(out / filename)
+
+    with mock.patch("huggingface_hub.hf_hub_download", side_effect=download):
+        patch = SoteriaPatch.from_pretrained("me/tiny-patch", revision="v1")
+    assert calls == [("me/tiny-patch", PATCH_NAME, "v1")] and len(patch.slices) == 4
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SoteriaHubError, match="me/absent-patch"):
+        SoteriaPatch.from_pretrained("me/absent-patch")

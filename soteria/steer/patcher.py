@@ -109,7 +109,7 @@ class SoteriaPatcher:
                 direction, whose raw size means nothing) the scale that makes the edit
                 ``relative_scale`` of the steered slices' size. A head selected for several
                 languages is steered once, with the largest of their scales (a warning says so
-                when they differ).
+                when per-language scales you gave differ on it).
             relative_scale: with ``scale="auto"``, per language the scale with
                 ``||scale * tau_S|| = relative_scale * ||W_S||`` (Frobenius norms over the slices
                 of that language's heads ``S``); one float or ``{lang: float}``; default
@@ -364,7 +364,8 @@ def _steer(model: nn.Module, request: SoteriaConfig, harm, tokenizer, progress: 
         harm_options=request.harm_options,
         model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
     )
-    warn_shared(config)
+    if isinstance(request.scale, dict):  # scales the user gave (calibrated ones differ by design)
+        warn_shared(config)
     plan = layer_plan(config)
     overlays: list[tuple[dict, str, torch.Tensor | None]] = []
     try:
