@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,8 @@ def test_a_request_names_what_to_find():
     with pytest.raises(ValueError, match="needs a resolved config"):
         _ = req.head_union
     assert SoteriaConfig.from_json(req.to_json()) == req
+    with_path = SoteriaConfig(["es"], find_options={"tasks": {"mine": Path("/data/mine.jsonl")}})
+    assert with_path.to_dict()["find_options"] == {"tasks": {"mine": "/data/mine.jsonl"}}  # JSON for config.json
     one_list = SoteriaConfig(["es", "fr"], heads=[(0, 1), (0, 1), (1, 0)], scale=0.5)
     assert one_list.heads == {"es": [(0, 1), (1, 0)], "fr": [(0, 1), (1, 0)]}  # repeats dropped
     assert one_list.is_resolved is False  # method still unknown: apply records it

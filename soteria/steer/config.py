@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -79,13 +80,20 @@ def check_relative(relative: Any, langs: list[str]) -> float | dict[str, float]:
     return checked
 
 
+def _json_default(x: Any) -> str:
+    """Paths in options are saved as strings; anything else that JSON cannot hold is refused."""
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    raise TypeError(f"{type(x).__name__} is not JSON")
+
+
 def _json_options(value: Any, name: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError(f"{name} must be a dict of keyword arguments, got {value!r}")
     try:
-        json.dumps(value)
+        json.dumps(value, default=_json_default)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must hold JSON values only (it is saved with the result), got {value!r}") from None
     return dict(value)
@@ -251,6 +259,8 @@ class SoteriaConfig:
         if self.heads is not None:
             d["heads"] = {lang: [list(p) for p in pairs] for lang, pairs in self.heads.items()}
         d["scale"] = dict(self.scale) if isinstance(self.scale, dict) else self.scale
+        for name in ("find_options", "harm_options"):  # paths become strings, tuples lists
+            d[name] = json.loads(json.dumps(getattr(self, name), default=_json_default))
         return dict(sorted(d.items()))
 
     @classmethod

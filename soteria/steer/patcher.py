@@ -168,8 +168,8 @@ class SoteriaPatcher:
         is refused. Everything is checked before any weight is written; the result is recorded
         like :meth:`apply`'s (``revert`` restores the original slices bit-exactly).
         """
-        if not isinstance(config, SoteriaConfig):
-            raise ValueError(f"config must be a SoteriaConfig, got {type(config).__name__}")
+        if not isinstance(config, SoteriaConfig) or not config.is_resolved:
+            raise ValueError("write_slices needs the record of a steering (a SoteriaConfig made by apply)")
         if SoteriaPatcher.is_steered(model):
             raise ValueError(
                 "this model is already steered by soteria (config.soteria is set); "
