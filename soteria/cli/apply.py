@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..defaults import DEFAULT_MAX_KL
-from ..export import CONFIG_NAME, SoteriaPatch, push_to_hub, save_steered, steer_checkpoint
+from ..export import CONFIG_NAME, SoteriaPatch, save_steered, steer_checkpoint
 from ..io.atomic import check_target, check_writable
 from ..models.loading import load_model
+from .args import add_write_args, push_written
 
 
 def run(args) -> int:
@@ -29,9 +29,7 @@ def run(args) -> int:
         save_steered(model, out, tokenizer=tokenizer, overwrite=args.overwrite, max_kl=args.max_kl, force=args.force)
     print(f"applied {n} head{'s' if n != 1 else ''} for {', '.join(patch.config.languages)} from {args.patch}")
     print(f"wrote {out}")
-    if args.push:
-        info = push_to_hub(out, args.push, private=not args.public, token=args.token)
-        print(f"pushed to {getattr(info, 'commit_url', None) or args.push}")
+    push_written(out, args)
     return 0
 
 
@@ -47,12 +45,5 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="device or device_map for loading, e.g. cuda, auto")
     p.add_argument("--streaming", action="store_true", help="edit the base checkpoint directory on disk without "
                    "loading it (the same tensors as the in-memory path)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only a soteria output)")
-    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="refuse to write a model whose next-token "
-                   f"KL on built-in harmless prompts exceeds this (default {DEFAULT_MAX_KL:g})")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="write even when the KL check fails (the card says so)")
-    p.add_argument("--push", metavar="REPO_ID", default=None, help="push the result to this Hub repo afterwards")
-    p.add_argument("--public", action="store_true", help="make a pushed repo public (default: private)")
-    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    add_write_args(p, "replace --out if it exists (only a soteria output)")
     p.set_defaults(func=run)

@@ -6,7 +6,8 @@ import argparse
 import math
 import re
 
-from ..defaults import DEFAULT_TOP_K
+from ..defaults import DEFAULT_MAX_KL, DEFAULT_TOP_K
+from ..export import push_to_hub
 from ..harm import HarmVector
 from ..heads import HeadScores
 from ..langs import lang_list
@@ -134,6 +135,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(dequantized; the result is saved as safetensors)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--device", default=None, help="device or device_map for loading, e.g. cuda, auto")
+
+
+def add_write_args(p: argparse.ArgumentParser, overwrite_help: str = "replace --out if it exists") -> None:
+    """--out, the KL write guard and the Hub push of a command that writes a steered model."""
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="refuse to write a model whose next-token "
+                   f"KL on built-in harmless prompts exceeds this (default {DEFAULT_MAX_KL:g})")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="write even when the KL check fails (the card says so)")
+    p.add_argument("--push", metavar="REPO_ID", default=None, help="push the result to this Hub repo afterwards")
+    p.add_argument("--public", action="store_true", help="make a pushed repo public (default: private)")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+
+
+def push_written(out, args) -> None:
+    """With ``--push``: upload what the command wrote, and say where."""
+    if args.push:
+        info = push_to_hub(out, args.push, private=not args.public, token=args.token)
+        print(f"pushed to {getattr(info, 'commit_url', None) or args.push}")
 
 
 def add_find_args(p: argparse.ArgumentParser) -> None:

@@ -5,14 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..defaults import DEFAULT_MAX_KL, DEFAULT_RELATIVE_SCALE
-from ..export import CONFIG_NAME, PATCH_NAME, SoteriaPatch, damage_check, push_to_hub, save_steered, steer_checkpoint
+from ..defaults import DEFAULT_RELATIVE_SCALE
+from ..export import CONFIG_NAME, PATCH_NAME, SoteriaPatch, damage_check, save_steered, steer_checkpoint
 from ..io.atomic import check_target, check_writable
 from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
 from ..steer.plan import check_plan, harm_path
 from ..tune import load_tune_config
-from .args import add_find_args, add_model_args, check_scale_arg, harm_arg, heads_arg, parse_langs, parse_scale
+from .args import (
+    add_find_args,
+    add_model_args,
+    add_write_args,
+    check_scale_arg,
+    harm_arg,
+    heads_arg,
+    parse_langs,
+    parse_scale,
+    push_written,
+)
 
 
 def _config_arg(args):
@@ -101,9 +111,7 @@ def run(args) -> int:
         out = _save(model, tokenizer, args)
         print(f"steered {_heads(len(config.head_union))} for {', '.join(langs)}")
     print(f"wrote {out}")
-    if args.push:
-        info = push_to_hub(out, args.push, private=not args.public, token=args.token)
-        print(f"pushed to {getattr(info, 'commit_url', None) or args.push}")
+    push_written(out, args)
     return 0
 
 
@@ -130,12 +138,5 @@ def add_parser(sub) -> None:
     p.add_argument("--streaming", action="store_true", help="edit a checkpoint directory on disk without loading it")
     p.add_argument("--patch-only", action="store_true", help="write only the edit, a small patch file that "
                    "`soteria apply` or SoteriaPatch.from_pretrained(DIR).apply(base) puts on the base")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="refuse to write a model whose next-token "
-                   f"KL on built-in harmless prompts exceeds this (default {DEFAULT_MAX_KL:g})")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="write even when the KL check fails (the card says so)")
-    p.add_argument("--push", metavar="REPO_ID", default=None, help="push the result to this Hub repo afterwards")
-    p.add_argument("--public", action="store_true", help="make a pushed repo public (default: private)")
-    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    add_write_args(p)
     p.set_defaults(func=run)
