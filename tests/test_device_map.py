@@ -20,6 +20,7 @@ from soteria import HarmVector, SoteriaPatcher
 from soteria.arch import head_sites
 from soteria.heads.attribution import indirect_effects
 from soteria.models.tiny import tiny_model, tiny_tokenizer
+from tests.model_utils import random_tau
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -88,18 +89,6 @@ def _logits(model):
         return model(input_ids=X).logits
 
 
-def _tau(model, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    sites = head_sites(model)
-    return HarmVector(
-        {s.layer: torch.randn(s.weight.shape, generator=g) * 0.02 for s in sites},
-        kind="tau",
-        param_names={s.layer: s.param_name for s in sites},
-        model_type=model.config.model_type,
-        source="random",
-    )
-
-
 @pytest.mark.parametrize("how", SPLITS)
 def test_scores_of_split_model_equal_unsplit(how, tok, tmp_path, monkeypatch):
     # "disk" runs the Triton kernel (interpreted on CPU, see conftest); the others eager
@@ -123,7 +112,7 @@ def test_scores_of_split_model_equal_unsplit(how, tok, tmp_path, monkeypatch):
 def test_edit_of_split_model_equals_unsplit_and_reverts(how, tmp_path, monkeypatch):
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     full, split, dirs = _pair(how, tmp_path)
-    hv = _tau(full)
+    hv = random_tau(full)
     before = {s.layer: _real(s).clone() for s in head_sites(split)}
     logits0 = _logits(split)
     files = _files(dirs)
@@ -164,7 +153,7 @@ def test_find_heads_and_steer_split_model(tok, tmp_path, monkeypatch):
     full, split, _ = _pair("disk", tmp_path)
     pairs = [{"input": a, "output": b} for a, b in [("hot", "cold"), ("big", "small"), ("up", "down"),
              ("good", "bad"), ("fast", "slow"), ("day", "night"), ("old", "new"), ("high", "low")]]  # fmt: skip
-    kw = dict(harm=_tau(full), tokenizer=tok, top_k=3, progress=False,
+    kw = dict(harm=random_tau(full), tokenizer=tok, top_k=3, progress=False,
               find_kwargs=dict(tasks={"antonym": pairs}, n_shots=2, n_trials=3))  # fmt: skip
     SoteriaPatcher.apply(full, ["xx", "yy"], **kw)
     with pytest.warns(UserWarning, match="offloaded"):  # meta weights cannot be fingerprinted
@@ -179,7 +168,7 @@ def test_meta_weight_without_offload_hook_is_refused():
     model.model.layers[1].self_attn.o_proj.to("meta")  # values gone, no hook to find them in
     snap = head_sites(model)[0].weight.detach().clone()
     with pytest.raises(ValueError, match="o_proj.weight is on the meta device and no accelerate offload hook"):
-        SoteriaPatcher.apply(model, "en", harm=_tau(tiny_model("llama")), heads=[(0, 1), (1, 2)])
+        SoteriaPatcher.apply(model, "en", harm=random_tau(tiny_model("llama")), heads=[(0, 1), (1, 2)])
     assert torch.equal(head_sites(model)[0].weight, snap) and not SoteriaPatcher.is_steered(model)
 
 

@@ -11,26 +11,15 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 
-from soteria import HarmVector, SoteriaPatch, SoteriaPatcher
+from soteria import SoteriaPatch, SoteriaPatcher
 from soteria.arch import head_sites
 from soteria.export.card import PATCH_NAME
 from soteria.io.safetensors import read_safetensors
 from soteria.models.tiny import tiny_model
+from tests.model_utils import random_tau
 
 FAMILIES = ["llama", "gpt2", "gemma"]
 HEADS = {"en": [(0, 1), (1, 3)], "fr": [(1, 3), (1, 0), (0, 2)]}
-
-
-def _tau(model, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    sites = head_sites(model)
-    return HarmVector(
-        {s.layer: torch.randn(s.weight.shape, generator=g) * 0.02 for s in sites},
-        kind="tau",
-        param_names={s.layer: s.param_name for s in sites},
-        model_type=model.config.model_type,
-        source="random",
-    )
 
 
 def _state(model):
@@ -45,7 +34,7 @@ def _bit_equal(a, b):
 
 def _steered(model_type, dtype=torch.float32, scale=0.3):
     model = tiny_model(model_type, dtype=dtype)
-    SoteriaPatcher.apply(model, ["en", "fr"], heads=HEADS, harm=_tau(model), scale=scale)
+    SoteriaPatcher.apply(model, ["en", "fr"], heads=HEADS, harm=random_tau(model), scale=scale)
     return model
 
 

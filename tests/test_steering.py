@@ -26,6 +26,7 @@ import soteria_kernels
 from soteria import HarmVector, SoteriaConfig, SoteriaPatcher
 from soteria.arch import head_sites
 from soteria.models.tiny import tiny_model, tiny_tokenizer
+from tests.model_utils import random_tau
 
 FAMILIES = ["llama", "gpt2", "gemma"]  # GQA nn.Linear D=12, Conv1D D=12, MQA nn.Linear D=24
 HEADS = {"en": [(0, 1), (1, 3)], "fr": [(1, 3), (1, 0), (0, 2)]}  # (1, 3) is shared
@@ -39,19 +40,6 @@ def _harmful(model_type="llama", *, dtype=torch.float32, **kw):
         for p in model.parameters():
             p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
     return model
-
-
-def _tau_vector(model, *, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    sites = head_sites(model)
-    tensors = {s.layer: torch.randn(s.weight.shape, generator=g) * 0.02 for s in sites}
-    return HarmVector(
-        tensors,
-        kind="tau",
-        param_names={s.layer: s.param_name for s in sites},
-        model_type=model.config.model_type,
-        source="random",
-    )
 
 
 def _snapshot(model):
@@ -128,7 +116,7 @@ def test_apply_equals_dense_formula_and_reverts(model_type, dtype, kind, backend
         hv = HarmVector.from_models(model, harmful)
         taus64 = {s.layer: s.weight.double() - snap[s.param_name].double() for s in head_sites(harmful)}
     else:
-        hv = _tau_vector(model)
+        hv = random_tau(model)
         taus64 = {layer: hv.tensor(layer).double() for layer in hv.layers}
 
     out = SoteriaPatcher.apply(model, ["en", "fr"], harm=hv, heads=HEADS, scale=SCALES)
@@ -154,7 +142,7 @@ def test_apply_equals_dense_formula_and_reverts(model_type, dtype, kind, backend
 def test_non_binary_scale_within_two_ulp(dtype):
     model = tiny_model("llama", dtype=dtype)
     snap = _snapshot(model)
-    hv = _tau_vector(model)
+    hv = random_tau(model)
     taus64 = {layer: hv.tensor(layer).double() for layer in hv.layers}
     SoteriaPatcher.apply(model, "de", harm=hv, heads=[(0, 0), (0, 3), (1, 1)], scale=0.3)
     max_ulp = 2 if dtype == torch.float32 else 1
@@ -165,7 +153,7 @@ def test_config_recorded_and_saved_with_the_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model("llama")
-    hv = _tau_vector(model)
+    hv = random_tau(model)
     SoteriaPatcher.apply(model, ["en", "fr"], harm=hv, heads=HEADS, scale=SCALES)
     cfg = model.soteria_config
     assert isinstance(cfg, SoteriaConfig)
@@ -205,7 +193,7 @@ def _must_fail(model, match, **kw):
 
 def test_bad_input_is_refused_and_the_model_unchanged():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    hv = _tau_vector(model)
+    hv = random_tau(model)
     ok = dict(harm=hv, heads=[(0, 0)])
     _must_fail(
         model, r"head \(2, 0\) is out of range: the model has 2 layers x 4 heads", langs="en", harm=hv, heads=[(2, 0)]
@@ -228,10 +216,10 @@ def test_bad_input_is_refused_and_the_model_unchanged():
         model,
         "model_type: harm vector 'gpt2', model 'llama'",
         langs="en",
-        harm=_tau_vector(tiny_model("gpt2")),
+        harm=random_tau(tiny_model("gpt2")),
         heads=[(0, 0)],
     )
-    wide = _tau_vector(tiny_model("llama", hidden_size=64))
+    wide = random_tau(tiny_model("llama", hidden_size=64))
     wide.model_type = ""
     _must_fail(
         model,
@@ -329,7 +317,7 @@ def test_heads_found_per_language_union(monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_model("llama")
     snap = _snapshot(model)
-    hv = _tau_vector(model)
+    hv = random_tau(model)
     fk = dict(n_shots=2, n_trials=2, tasks=["antonym", "country_capital"])
     SoteriaPatcher.apply(model, ["en", "fr"], harm=hv, tokenizer=tok, top_k=3, find_kwargs=fk, progress=False)
     cfg = model.soteria_config
@@ -355,7 +343,7 @@ def _weights(model):
 def test_apply_with_a_config_equals_the_keyword_call(monkeypatch):
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     a, b = tiny_model("llama"), tiny_model("llama")
-    hv = _tau_vector(a)
+    hv = random_tau(a)
     SoteriaPatcher.apply(a, ["en", "fr"], harm=hv, heads=HEADS, scale=0.5)
     request = SoteriaConfig(["en", "fr"], heads=HEADS, scale=0.5)
     assert SoteriaPatcher.apply(b, request, harm=hv) is b
@@ -403,18 +391,18 @@ def test_a_config_call_refuses_other_request_arguments(kw, match):
     langs = kw.pop("langs", None)
     with pytest.raises(ValueError, match=match):
         if "config" in kw:
-            SoteriaPatcher.apply(model, request, harm=_tau_vector(model), **kw)
+            SoteriaPatcher.apply(model, request, harm=random_tau(model), **kw)
         elif langs is not None:
-            SoteriaPatcher.apply(model, langs, config=request, harm=_tau_vector(model))
+            SoteriaPatcher.apply(model, langs, config=request, harm=random_tau(model))
         else:
-            SoteriaPatcher.apply(model, request, harm=_tau_vector(model), **kw)
+            SoteriaPatcher.apply(model, request, harm=random_tau(model), **kw)
     _assert_identical(model, snap)
 
 
 def test_shared_head_with_different_scales_warns_and_takes_the_largest():
     model = tiny_model("llama")
     with pytest.warns(UserWarning, match="different scales, e.g. \\(1, 3\\).*largest"):
-        SoteriaPatcher.apply(model, ["en", "fr"], harm=_tau_vector(model), heads=HEADS, scale={"en": 0.1, "fr": 0.4})
+        SoteriaPatcher.apply(model, ["en", "fr"], harm=random_tau(model), heads=HEADS, scale={"en": 0.1, "fr": 0.4})
     assert model.soteria_config.head_scales()[(1, 3)] == 0.4
 
 
@@ -423,7 +411,7 @@ def test_peft_wrapped_model(monkeypatch):
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     model = tiny_model("llama")
     snap = _snapshot(model)
-    hv = _tau_vector(model)
+    hv = random_tau(model)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["o_proj", "q_proj"]))
     base_o = {s.layer: s.weight for s in head_sites(wrapped)}
     out = SoteriaPatcher.apply(wrapped, "en", harm=hv, heads=[(0, 1), (1, 2)], scale=0.5)
