@@ -1,0 +1,205 @@
+"""Last-token forward passes over a prefix KV cache: the plumbing of fast exact patching.
+
+Patching head ``h`` of layer ``l`` at a prompt's last position changes nothing at the earlier
+positions, nor anything below layer ``l`` at the last one. So :class:`LastToken` runs a batch of
+prompts' prefixes (every token but the last) once with a ``DynamicCache``, and each later pass
+runs only the last token of ``reps`` copies of the batch against that cache:
+
+- each prefix runs alone, unpadded; the caches are then padded on the **left** (zero keys and
+  values, masked out), so every last token sits in the same cache slot and slot distances are
+  true distances (sliding-window masks stay right); ``position_ids`` are passed explicitly
+  (absolute and rotary positions stay right);
+- a pass of ``reps`` copies sets each layer's cache to the prefix repeated ``reps`` times just
+  before that layer runs and puts the prefix back just after it, so only one layer's repeated
+  keys and values exist at a time, and the prefix is never changed;
+- with ``skip_below=l`` the decoder layers below ``l`` do not run: each returns the output it
+  gave in the unpatched pass (recorded by :meth:`LastToken.run` with ``record=True``), repeated.
+  This needs decoder layers that return a plain tensor; :attr:`LastToken.can_skip` says whether
+  they did (Falcon, BLOOM and MPT return tuples: their passes run every layer).
+
+:meth:`LastToken.prefill` returns None where this cannot be done honestly (a cache other than
+``DynamicCache`` with plain or sliding-window layers, cache layers that do not match the
+decoder layers); the caller then runs whole prompts. The model is left as it was found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from ..arch import unwrap_model
+
+__all__ = ["LastToken", "decoder_layers"]
+
+_LAYER_TYPES = (DynamicLayer, DynamicSlidingWindowLayer)
+_ABSENT = object()
+
+
+def decoder_layers(model: nn.Module, sites) -> list[nn.Module] | None:
+    """The decoder layer holding each head site (the element of the layers ``ModuleList``
+    whose index is the site's layer), or None where the site names do not show one."""
+    root = unwrap_model(model)
+    out = []
+    for site in sites:
+        parts = site.name.split(".")
+        found = None
+        for k, part in enumerate(parts):
+            if part != str(site.layer):
+                continue
+            parent = root.get_submodule(".".join(parts[:k])) if k else root
+            if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+                found = parent[site.layer]
+                break
+        if found is None:
+            return None
+        out.append(found)
+    return out
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``[1, kv, n, D]`` keys or values -> ``[1, kv, width, D]``: the last ``width`` slots, zeros before."""
+    t = t[:, :, -width:]
+    return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))
+
+
+def _stub(output: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return output
+
+
+class LastToken:
+    """A batch of prompts' prefix cache, and last-token passes of ``reps`` copies of the batch.
+
+    Row ``j * B + i`` of a pass is copy ``j`` of prompt ``i`` (the order of ``tensor.repeat``).
+    """
+
+    def __init__(self, model, layers, cache, snapshot, last_ids, last_pos, mask, call_kwargs):
+        self.model, self.layers, self.cache, self.snapshot = model, layers, cache, snapshot
+        self.last_ids, self.last_pos, self.mask, self.call_kwargs = last_ids, last_pos, mask, call_kwargs
+        self.B = len(last_ids)
+        self.outputs: list[torch.Tensor] | None = None  # each layer's unpatched output [B, 1, d]
+        self.can_skip = False
+
+    @classmethod
+    def prefill(cls, model, prompts: list[list[int]], layers, device, call_kwargs: dict):
+        """Run the prefixes of ``prompts`` (token-id lists of 2+ tokens) with a cache; None where
+        the model's cache is not one this class can repeat and restore.
+
+        Each prefix runs alone (no padding, so no query row is fully masked: fp64 eager attention
+        turns such rows into NaNs that would reach the cache), then the caches are padded on the
+        left with zero keys and values, masked out, into one batch cache."""
+        if layers is None or any(len(p) < 2 for p in prompts):
+            return None
+        caches = []
+        for p in prompts:
+            ids = torch.tensor([p[:-1]], dtype=torch.long, device=device)
+            cache = getattr(model(input_ids=ids, use_cache=True, **call_kwargs), "cache", None)
+            if not isinstance(cache, DynamicCache) or len(cache.layers) != len(layers):
+                return None
+            if not all(type(c) in _LAYER_TYPES and c.is_initialized for c in cache.layers):
+                return None
+            caches.append(cache)
+        P = max(len(p) - 1 for p in prompts)
+        snapshot = []
+        for j, c in enumerate(caches[0].layers):
+            sliding = isinstance(c, DynamicSlidingWindowLayer)
+            width = min(P, c.sliding_window - 1) if sliding else P  # slots a layer keeps
+            parts = [(cache.layers[j].keys, cache.layers[j].values) for cache in caches]
+            keys, values = (torch.cat([_left_pad(t[i], width) for t in parts], 0) for i in (0, 1))
+            snapshot.append((keys, values, P if sliding else None))
+        mask = torch.zeros(len(prompts), P + 1, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            mask[i, P + 1 - len(p) :] = 1
+        last_ids = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
+        last_pos = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
+        return cls(model, layers, caches[0], snapshot, last_ids, last_pos, mask, call_kwargs)
+
+    def _restore(self, j: int) -> None:
+        c, (k, v, n) = self.cache.layers[j], self.snapshot[j]
+        c.keys, c.values = k, v
+        if n is not None:
+            c.cumulative_length = n
+
+    def _expected_length(self, j: int) -> int:
+        k, _, n = self.snapshot[j]
+        return (n if n is not None else k.shape[-2]) + 1
+
+    @contextlib.contextmanager
+    def _plumbing(self, reps: int, skip_below: int, record: bool) -> Iterator[dict]:
+        handles, stubbed = [], []
+        seen: dict[str, Any] = {"ran": set(), "tensor_out": True}
+
+        def pre(j):
+            def hook(module, args, kwargs):
+                k, v, n = self.snapshot[j]
+                c = self.cache.layers[j]
+                c.keys, c.values = (k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1)) if reps > 1 else (k, v)
+                if n is not None:
+                    c.cumulative_length = n
+
+            return hook
+
+        def post(j):
+            def hook(module, args, output):
+                c = self.cache.layers[j]
+                grown = c.cumulative_length if isinstance(c, DynamicSlidingWindowLayer) else c.keys.shape[-2]
+                if grown != self._expected_length(j):
+                    raise RuntimeError(f"decoder layer {j} did not append one token to cache layer {j}")
+                seen["ran"].add(j)
+                if record:
+                    ok = isinstance(output, torch.Tensor) and output.shape[:2] == (self.B, 1)
+                    seen["tensor_out"] &= ok
+                    seen.setdefault("outputs", {})[j] = output.detach().clone() if ok else None
+                self._restore(j)
+
+            return hook
+
+        try:
+            for j in range(len(self.layers)):  # the mask is sized from the cache before any layer runs
+                self._restore(j)
+            for j, layer in enumerate(self.layers):
+                if j < skip_below:
+                    out = self.outputs[j]
+                    stubbed.append((layer, layer.__dict__.get("forward", _ABSENT)))
+                    layer.forward = functools.partial(_stub, out.repeat(reps, 1, 1) if reps > 1 else out)
+                    continue
+                handles.append(layer.register_forward_pre_hook(pre(j), with_kwargs=True))
+                handles.append(layer.register_forward_hook(post(j)))
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+            for layer, fwd in stubbed:
+                if fwd is _ABSENT:
+                    del layer.forward
+                else:
+                    layer.forward = fwd
+            for j in range(len(self.layers)):
+                self._restore(j)
+
+    def run(self, reps: int = 1, *, skip_below: int = 0, record: bool = False) -> torch.Tensor:
+        """``[reps * B, V]`` logits of the last token. ``record`` keeps each layer's output (do it
+        once, unpatched, before any ``skip_below > 0``)."""
+        if skip_below and not self.can_skip:
+            raise RuntimeError("skip_below needs a recorded unpatched pass whose layers returned tensors")
+        with self._plumbing(reps, skip_below, record) as seen:
+            logits = self.model(
+                input_ids=self.last_ids.repeat(reps)[:, None],
+                attention_mask=self.mask.repeat(reps, 1),
+                position_ids=self.last_pos.repeat(reps)[:, None],
+                cache=self.cache,
+                use_cache=True,
+                **self.call_kwargs,
+            ).logits
+        if seen["ran"] != set(range(skip_below, len(self.layers))):
+            raise RuntimeError("not every decoder layer ran in the last-token pass")
+        if record:
+            outs = seen.get("outputs", {})
+            self.can_skip = seen["tensor_out"] and len(outs) == len(self.layers)
+            self.outputs = [outs[j] for j in range(len(self.layers))] if self.can_skip else None
+        return logits[:, -1]
