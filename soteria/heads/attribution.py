@@ -392,25 +392,24 @@ def _patch_hooks(sites, means, state: dict) -> Callable:
     return make_hook
 
 
-def _plans(pairs, B: int, reps: int, last: torch.Tensor, groups: torch.Tensor):
+def _plans(pairs, B: int, reps: int, at: Callable, groups: torch.Tensor):
     """Passes of up to ``reps`` patched copies of a ``B``-prompt batch: ``(pairs of the pass,
-    plan)``; copy ``j`` (rows ``j*B .. j*B+B-1``) patches ``pairs[j]`` at ``last`` of each row."""
+    plan)``; copy ``j`` of every prompt patches ``pairs[j]`` where ``at(copies, prompts)`` says
+    (``(rows, positions)`` of the o_proj input)."""
+    prompt = torch.arange(B)
     for p0 in range(0, len(pairs), reps):
         group = pairs[p0 : p0 + reps]
-        r = len(group)
         plan: dict[int, list[list[int]]] = {}
         for j, (layer, h) in enumerate(group):
             entry = plan.setdefault(layer, [[], []])
-            entry[0].extend(range(j * B, (j + 1) * B))
-            entry[1].extend([h] * B)
-        last_r, grp_r = last.repeat(r), groups.repeat(r)
-        yield (
-            group,
-            {
-                layer: (torch.tensor(rows), last_r[rows], torch.tensor(heads), grp_r[rows])
-                for layer, (rows, heads) in plan.items()
-            },
-        )
+            entry[0].append(j)
+            entry[1].append(h)
+        out = {}
+        for layer, (copies, heads) in plan.items():
+            copy = torch.tensor(copies).repeat_interleave(B)
+            rows, pos = at(copy, prompt.repeat(len(copies)))
+            out[layer] = (rows, pos, torch.tensor(heads).repeat_interleave(B), groups.repeat(len(copies)))
+        yield group, out
 
 
 def _full_batch(model, state, pairs, ids, mask, last, groups, tgt, bs, record, progress) -> None:
@@ -418,7 +417,7 @@ def _full_batch(model, state, pairs, ids, mask, last, groups, tgt, bs, record, p
     B = len(last)
     state.update(B=B, plan={})
     base = _target_probs(model, ids, mask, last, tgt).cpu()
-    for group, plan in _plans(pairs, B, max(1, bs // B), last, groups):
+    for group, plan in _plans(pairs, B, max(1, bs // B), lambda j, i: (j * B + i, last[i]), groups):
         r = len(group)
         state.update(B=r * B, plan=plan)
         p = _target_probs(model, ids.repeat(r, 1), mask.repeat(r, 1), last.repeat(r), tgt.repeat(r)).cpu()
@@ -433,11 +432,10 @@ def _kv_batch(runner: LastToken, state, pairs, groups, tgt, rows, record, progre
     layer up (the layers below it return their unpatched outputs where the family allows)."""
     B = runner.B
     state.update(B=B, plan={})
-    base = _probs(runner.run(1, record=True), tgt).cpu()
-    zeros = torch.zeros(B, dtype=torch.long)  # the one position of a last-token pass
-    for group, plan in _plans(pairs, B, max(1, rows // B), zeros, groups):
+    base = _probs(runner.run(1, record=True), tgt).cpu()  # also picks the layout (runner.at)
+    for group, plan in _plans(pairs, B, max(1, rows // B), runner.at, groups):
         r = len(group)
-        state.update(B=r * B, plan=plan)
+        state.update(B=runner.batch(r), plan=plan)
         below = group[0][0] if runner.can_skip else 0  # pairs go layer by layer: the lowest
         p = _probs(runner.run(r, skip_below=below), tgt.repeat(r)).cpu()
         record(group, p.view(r, B) - base)

@@ -75,15 +75,28 @@ def _stub(output: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 class LastToken:
     """A batch of prompts' prefix cache, and last-token passes of ``reps`` copies of the batch.
 
-    Row ``j * B + i`` of a pass is copy ``j`` of prompt ``i`` (the order of ``tensor.repeat``).
+    Two layouts of a pass, chosen once by :meth:`run` with ``record=True``:
+
+    - ``"copies"``: the ``reps`` copies of prompt ``i`` are ``reps`` query positions of batch
+      row ``i``, all at the last token's position, each attending to the prefix and to itself
+      only (a 4-D mask, per layer kind where sliding and full layers mix). The cache keeps ``B``
+      rows: nothing is copied per copy, and attention runs as a matrix product. Used where a
+      probe shows the copies cannot see each other (copy 1's logits bitwise unchanged when
+      copy 0's token changes) and match the unpatched pass.
+    - ``"rows"``: copy ``j`` of prompt ``i`` is batch row ``j * B + i`` with the prefix cache
+      repeated ``reps`` times, one layer at a time (every family whose cache this class takes).
+
+    :meth:`at` maps (copy, prompt) to the (row, position) of the o_proj input to patch.
     """
 
-    def __init__(self, model, layers, cache, snapshot, last_ids, last_pos, mask, call_kwargs):
+    def __init__(self, model, layers, cache, snapshot, last_ids, last_pos, prefix_mask, call_kwargs):
         self.model, self.layers, self.cache, self.snapshot = model, layers, cache, snapshot
-        self.last_ids, self.last_pos, self.mask, self.call_kwargs = last_ids, last_pos, mask, call_kwargs
+        self.last_ids, self.last_pos, self.prefix_mask = last_ids, last_pos, prefix_mask
+        self.call_kwargs = call_kwargs
         self.B = len(last_ids)
         self.outputs: list[torch.Tensor] | None = None  # each layer's unpatched output [B, 1, d]
         self.can_skip = False
+        self.layout = "rows"
 
     @classmethod
     def prefill(cls, model, prompts: list[list[int]], layers, device, call_kwargs: dict):
@@ -112,12 +125,22 @@ class LastToken:
             parts = [(cache.layers[j].keys, cache.layers[j].values) for cache in caches]
             keys, values = (torch.cat([_left_pad(t[i], width) for t in parts], 0) for i in (0, 1))
             snapshot.append((keys, values, P if sliding else None))
-        mask = torch.zeros(len(prompts), P + 1, dtype=torch.long, device=device)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             mask[i, P + 1 - len(p) :] = 1
         last_ids = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
         last_pos = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
         return cls(model, layers, caches[0], snapshot, last_ids, last_pos, mask, call_kwargs)
+
+    def at(self, copy: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) in the o_proj input of copy ``copy`` of prompt ``prompt``."""
+        if self.layout == "copies":
+            return prompt, copy
+        return copy * self.B + prompt, torch.zeros_like(copy)
+
+    def batch(self, reps: int) -> int:
+        """Batch rows of a pass of ``reps`` copies."""
+        return self.B if self.layout == "copies" and reps > 1 else reps * self.B
 
     def _restore(self, j: int) -> None:
         c, (k, v, n) = self.cache.layers[j], self.snapshot[j]
@@ -125,20 +148,36 @@ class LastToken:
         if n is not None:
             c.cumulative_length = n
 
-    def _expected_length(self, j: int) -> int:
-        k, _, n = self.snapshot[j]
-        return (n if n is not None else k.shape[-2]) + 1
+    def _copies_mask(self, reps: int):
+        """Additive ``[B, 1, reps, kept + reps]`` mask(s): each copy sees the prefix and itself."""
+        dtype = self.snapshot[0][0].dtype
+        masks = {}
+        for c, (k, _, _) in zip(self.cache.layers, self.snapshot):
+            kind = "sliding_attention" if isinstance(c, DynamicSlidingWindowLayer) else "full_attention"
+            kept = k.shape[-2]
+            if kind in masks:
+                if masks[kind].shape[-1] != kept + reps:
+                    raise RuntimeError("cache layers of one kind keep different lengths")
+                continue
+            seen = self.prefix_mask[:, self.prefix_mask.shape[1] - kept :].bool()[:, None].expand(-1, reps, -1)
+            own = torch.eye(reps, dtype=torch.bool, device=seen.device)[None].expand(self.B, -1, -1)
+            allowed = torch.cat([seen, own], -1)[:, None]
+            masks[kind] = torch.zeros(allowed.shape, dtype=dtype, device=seen.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
     @contextlib.contextmanager
-    def _plumbing(self, reps: int, skip_below: int, record: bool) -> Iterator[dict]:
+    def _plumbing(self, reps: int, copies: bool, skip_below: int, record: bool) -> Iterator[dict]:
         handles, stubbed = [], []
         seen: dict[str, Any] = {"ran": set(), "tensor_out": True}
+        grow = reps if copies else 1
 
         def pre(j):
             def hook(module, args, kwargs):
                 k, v, n = self.snapshot[j]
                 c = self.cache.layers[j]
-                c.keys, c.values = (k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1)) if reps > 1 else (k, v)
+                c.keys, c.values = (k, v) if copies or reps == 1 else (k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1))
                 if n is not None:
                     c.cumulative_length = n
 
@@ -146,10 +185,10 @@ class LastToken:
 
         def post(j):
             def hook(module, args, output):
-                c = self.cache.layers[j]
-                grown = c.cumulative_length if isinstance(c, DynamicSlidingWindowLayer) else c.keys.shape[-2]
-                if grown != self._expected_length(j):
-                    raise RuntimeError(f"decoder layer {j} did not append one token to cache layer {j}")
+                c, (k, _, n) = self.cache.layers[j], self.snapshot[j]
+                grown = c.cumulative_length - n if n is not None else c.keys.shape[-2] - k.shape[-2]
+                if grown != grow:
+                    raise RuntimeError(f"decoder layer {j} did not append {grow} token(s) to cache layer {j}")
                 seen["ran"].add(j)
                 if record:
                     ok = isinstance(output, torch.Tensor) and output.shape[:2] == (self.B, 1)
@@ -165,8 +204,9 @@ class LastToken:
             for j, layer in enumerate(self.layers):
                 if j < skip_below:
                     out = self.outputs[j]
+                    out = out.expand(-1, reps, -1) if copies else out.repeat(reps, 1, 1)
                     stubbed.append((layer, layer.__dict__.get("forward", _ABSENT)))
-                    layer.forward = functools.partial(_stub, out.repeat(reps, 1, 1) if reps > 1 else out)
+                    layer.forward = functools.partial(_stub, out)
                     continue
                 handles.append(layer.register_forward_pre_hook(pre(j), with_kwargs=True))
                 handles.append(layer.register_forward_hook(post(j)))
@@ -182,24 +222,54 @@ class LastToken:
             for j in range(len(self.layers)):
                 self._restore(j)
 
-    def run(self, reps: int = 1, *, skip_below: int = 0, record: bool = False) -> torch.Tensor:
-        """``[reps * B, V]`` logits of the last token. ``record`` keeps each layer's output (do it
-        once, unpatched, before any ``skip_below > 0``)."""
+    def run(self, reps: int = 1, *, skip_below: int = 0, record: bool = False, ids=None) -> torch.Tensor:
+        """``[reps * B, V]`` logits of the last token, row ``j * B + i`` for copy ``j`` of prompt
+        ``i`` in either layout. ``record`` (unpatched, ``reps=1``, once, first) keeps each
+        layer's output for ``skip_below`` and chooses the layout. ``ids``: ``[B, reps]`` tokens
+        in place of the last ones (the layout probe)."""
         if skip_below and not self.can_skip:
             raise RuntimeError("skip_below needs a recorded unpatched pass whose layers returned tensors")
-        with self._plumbing(reps, skip_below, record) as seen:
-            logits = self.model(
-                input_ids=self.last_ids.repeat(reps)[:, None],
-                attention_mask=self.mask.repeat(reps, 1),
+        copies = self.layout == "copies" and reps > 1
+        B = self.B
+        if copies:
+            kwargs = dict(
+                input_ids=ids if ids is not None else self.last_ids[:, None].expand(-1, reps),
+                attention_mask=self._copies_mask(reps),
+                position_ids=self.last_pos[:, None].expand(-1, reps),
+            )  # every copy's logits are needed: no logits_to_keep
+        else:
+            kwargs = dict(
+                input_ids=(ids.t().reshape(-1) if ids is not None else self.last_ids.repeat(reps))[:, None],
+                attention_mask=torch.cat([self.prefix_mask, self.prefix_mask.new_ones(B, 1)], 1).repeat(reps, 1),
                 position_ids=self.last_pos.repeat(reps)[:, None],
-                cache=self.cache,
-                use_cache=True,
                 **self.call_kwargs,
-            ).logits
+            )
+        with self._plumbing(reps, copies, skip_below, record) as seen:
+            logits = self.model(**kwargs, cache=self.cache, use_cache=True).logits
         if seen["ran"] != set(range(skip_below, len(self.layers))):
             raise RuntimeError("not every decoder layer ran in the last-token pass")
+        logits = logits.transpose(0, 1).reshape(reps * B, -1) if copies else logits[:, -1]
         if record:
             outs = seen.get("outputs", {})
             self.can_skip = seen["tensor_out"] and len(outs) == len(self.layers)
             self.outputs = [outs[j] for j in range(len(self.layers))] if self.can_skip else None
-        return logits[:, -1]
+            self.layout = "copies" if self.can_skip and self._copies_work(logits) else "rows"
+        return logits
+
+    def _copies_work(self, base: torch.Tensor) -> bool:
+        """Two probe passes of 2 copies that differ only in copy 0's token: copy 1 must come out
+        bitwise the same in both (it cannot see copy 0) and match the unpatched pass."""
+        self.layout = "copies"
+        try:
+            a, b = (
+                self.run(2, ids=torch.stack([torch.where(self.last_ids == t, t + 1, t), self.last_ids], 1))[self.B :]
+                for t in (0, 2)
+            )
+        except Exception:  # a family that takes no 4-D mask, or a mask dict; the rows layout serves it
+            return False
+        finally:
+            self.layout = "rows"
+        wide = self.snapshot[0][0].dtype.itemsize >= 4  # fp32 / fp64 model, else 16-bit rounding
+        a, b, base = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (a, b, base))
+        tol = (1e-3 if wide else 5e-2) * base.abs().max()
+        return bool(torch.equal(a, b) and (a - base).abs().max() <= tol)
