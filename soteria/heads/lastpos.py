@@ -9,9 +9,12 @@ runs only the last token of ``reps`` copies of the batch against that cache:
   values, masked out), so every last token sits in the same cache slot and slot distances are
   true distances (sliding-window masks stay right); ``position_ids`` are passed explicitly
   (absolute and rotary positions stay right);
-- a pass of ``reps`` copies sets each layer's cache to the prefix repeated ``reps`` times just
-  before that layer runs and puts the prefix back just after it, so only one layer's repeated
-  keys and values exist at a time, and the prefix is never changed;
+- a pass of ``reps`` copies puts them either as ``reps`` query positions of each prompt's
+  batch row (the ``"copies"`` layout: a 4-D mask lets each see the prefix and itself only,
+  the cache keeps ``B`` rows) or as ``reps * B`` batch rows (the ``"rows"`` layout: each
+  layer's cache is the prefix repeated ``reps`` times, set just before that layer runs). Either
+  way every layer's cache is put back to the prefix just after the layer runs, so the prefix is
+  never changed and at most one layer's grown keys and values exist at a time;
 - with ``skip_below=l`` the decoder layers below ``l`` do not run: each returns the output it
   gave in the unpatched pass (recorded by :meth:`LastToken.run` with ``record=True``), repeated.
   This needs decoder layers that return a plain tensor; :attr:`LastToken.can_skip` says whether
@@ -19,7 +22,8 @@ runs only the last token of ``reps`` copies of the batch against that cache:
 
 :meth:`LastToken.prefill` returns None where this cannot be done honestly (a cache other than
 ``DynamicCache`` with plain or sliding-window layers, cache layers that do not match the
-decoder layers); the caller then runs whole prompts. The model is left as it was found.
+decoder layers, a transformers that returns no ``cache`` field, as 4.x names it
+``past_key_values``); the caller then runs whole prompts. The model is left as it was found.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+try:  # the layered cache of transformers >= 4.56 / 5
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+except ImportError:  # pragma: no cover - an older transformers: exact patching runs whole prompts
+    DynamicCache = DynamicLayer = DynamicSlidingWindowLayer = None
 
 from ..arch import unwrap_model
 
@@ -106,7 +114,7 @@ class LastToken:
         Each prefix runs alone (no padding, so no query row is fully masked: fp64 eager attention
         turns such rows into NaNs that would reach the cache), then the caches are padded on the
         left with zero keys and values, masked out, into one batch cache."""
-        if layers is None or any(len(p) < 2 for p in prompts):
+        if DynamicCache is None or layers is None or any(len(p) < 2 for p in prompts):
             return None
         caches = []
         for p in prompts:
