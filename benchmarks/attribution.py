@@ -277,7 +277,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax2.bar([i + w / 2 for i in x], full, w, color="C3", label="old exact (no cache) / AtP")
     ax2.axhline(3, color="k", ls=":", lw=1, label="3x")
     ax2.set_yscale("log")
-    ax2.set_title(f"wall time / AtP wall time ({rows[0]['shots']} shots, median of runs)", fontsize=9)
+    ax2.set_title(f"wall time / AtP's ({rows[0]['shots']} shots; protocol and load: CSV 'settings')", fontsize=9)
     for ax in (ax1, ax2):
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
