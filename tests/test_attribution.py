@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from soteria.arch import head_sites
-from soteria.heads.attribution import indirect_effects, mean_activations
+from soteria.heads.attribution import LAST_TOKEN_ROWS, indirect_effects, mean_activations
+from soteria.heads.lastpos import LastToken
 from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 CLEAN = [
@@ -136,19 +137,96 @@ def _lh(model):
     return len(sites), sites[0].num_heads
 
 
-@pytest.mark.parametrize(
-    "family, dtype, rel",
-    [(f, torch.float64, 1e-6) for f in FAMILIES] + [("llama", torch.float32, 1e-4)],
-)
-def test_exact_batched_equals_one_head_at_a_time(family, dtype, rel, tok):
-    # float64 models make the comparison tight: the only fp32 step left is the returned tensor.
-    model = tiny_model(family, dtype=dtype)
+# Exact patching runs each prompt's prefix once with a KV cache and only the last token per
+# patched head (heads.lastpos); method="exact_full" runs every patched copy through the whole
+# prompt. Both must equal one head at a time. Families: GQA nn.Linear, Conv1D, q/k/v biases, a
+# sliding window of 16 on every layer (the prompts are 30-60 tokens, so it bites), the same
+# natively (ministral), and Falcon, whose decoder layers return tuples (so its passes keep the
+# batch-row layout and run every layer).
+KV_FAMILIES = [
+    ("llama", {}),
+    ("gpt2", {}),
+    ("qwen2", {}),
+    ("mistral", {"sliding_window": 16}),
+    ("ministral", {}),
+    ("falcon", {}),
+]
+
+
+@pytest.mark.parametrize("family, overrides", KV_FAMILIES)
+def test_exact_batched_equals_one_head_at_a_time(family, overrides, tok):
+    # float64 with sdpa attention keeps every op in float64 (eager attention softmaxes in fp32),
+    # so the only rounding left is the returned float32 tensor: ~6e-8 of each value.
+    model = tiny_model(family, dtype=torch.float64, attn_implementation="sdpa", **overrides)
     want = _ref_exact(model, tok, CLEAN, CORRUPTED, TARGETS)
-    # 64 rows per pass packs all heads of this model and all three prompts into a few passes;
-    # 5 splits a batch's heads across passes; 1 patches one head of one prompt per pass.
+    full = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact_full", batch_size=64)
+    _close(full, want, rel=1e-6)
+    # 64 rows per pass packs all three prompts (three lengths: padded) into one batch; 5 splits a
+    # batch's heads across passes; 1 runs one prompt per batch.
     for bs in (64, 5, 1):
         got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact", batch_size=bs)
-        _close(got, want, rel=rel)
+        _close(got, want, rel=1e-6)
+        _close(got, full.double(), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])  # gemma2: sliding and full layers mix
+def test_exact_eager_float64(family, tok):
+    # Eager attention softmaxes in fp32 even for fp64 models; an effect is a difference of
+    # probabilities ~2e-3 that differ by ~1e-5, so fp32 softmax rounding is ~1e-6 of it. One
+    # clean prompt: a padded fp64 eager pass of a sliding-window model turns pad rows into NaNs.
+    model = tiny_model(family, dtype=torch.float64)
+    want = _ref_exact(model, tok, CLEAN[:1], CORRUPTED, TARGETS)
+    got = indirect_effects(model, tok, CLEAN[:1], CORRUPTED, TARGETS, method="exact", batch_size=64)
+    _close(got, want, rel=1e-5)
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("gpt2", {}), ("gemma2", {})])
+def test_exact_float32_equals_whole_prompts(family, overrides, tok):
+    # fp32 effects (~1e-5 differences of ~2e-3 probabilities) carry rounding of ~1e-4 of the
+    # largest effect in any batching: the whole-prompt path moves that much between batch sizes.
+    model = tiny_model(family, **overrides)
+    full = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact_full", batch_size=64)
+    got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact", batch_size=64)
+    _close(got, full.double(), rel=3e-4)
+
+
+def test_exact_runs_last_tokens_from_the_patched_layer_up(tok):
+    """Fewer tokens reach every o_proj than with whole prompts, and fewer the lower the layer
+    (layers below the patched one are skipped); the model is left as it was found."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    sites = head_sites(model)
+    tokens = {}
+
+    def count(method):
+        seen = [0] * len(sites)
+        handles = [
+            s.module.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, seen[i] + a[0].shape[:2].numel()))
+            for i, s in enumerate(sites)
+        ]
+        try:
+            indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method=method, batch_size=2)
+        finally:
+            for h in handles:
+                h.remove()
+        tokens[method] = seen
+
+    count("exact")
+    count("exact_full")
+    fast, full = tokens["exact"], tokens["exact_full"]
+    assert all(f * 5 < w for f, w in zip(fast, full)), (fast, full)
+    assert fast[0] < fast[-1], fast
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_exact_one_token_prompt_falls_back_to_whole_prompts(tok):
+    # A one-token prompt has no prefix to cache: its batch runs whole prompts, others the cache.
+    model = tiny_model("llama", dtype=torch.float64, attn_implementation="sdpa")
+    corrupted = [_ids(tok, CORRUPTED[0]), [_ids(tok, CORRUPTED[1])[1]]]
+    want = indirect_effects(model, tok, CLEAN, corrupted, TARGETS[:2], method="exact_full", batch_size=64)
+    for bs in (64, 1):
+        got = indirect_effects(model, tok, CLEAN, corrupted, TARGETS[:2], method="exact", batch_size=bs)
+        _close(got, want.double(), rel=1e-6)
 
 
 def test_finite_difference_approaches_atp(tok, monkeypatch):
@@ -215,8 +293,9 @@ def test_model_state_is_restored(tok, monkeypatch):
     training = {n: m.training for n, m in model.named_modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    for method in ("atp", "exact"):
+    for method in ("atp", "exact", "exact_full"):
         indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method=method)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no layer left stubbed out
     assert {n: m.training for n, m in model.named_modules()} == training
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
@@ -299,10 +378,15 @@ def test_peft_wrapped_model_keeps_only_needed_logits(tok, monkeypatch):
     wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["o_proj"]))
     widths = []
     base.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
-    for method in ("atp", "exact"):
-        indirect_effects(wrapped, tok, CLEAN, CORRUPTED, TARGETS, method=method, batch_size=3)
+    indirect_effects(wrapped, tok, CLEAN, CORRUPTED, TARGETS, method="atp", batch_size=3)
     lengths = {len(_ids(tok, p)) for p in CORRUPTED}  # the distinct last positions of a batch
     assert widths and max(widths) <= len(lengths), widths
+    # Exact: prefixes and whole-prompt passes keep one logit; a last-token pass of 8 patched
+    # copies per prompt (3 * LAST_TOKEN_ROWS rows) has 8 positions, all needed (2: the probe
+    # that picks the layout).
+    widths.clear()
+    indirect_effects(wrapped, tok, CLEAN, CORRUPTED, TARGETS, method="exact", batch_size=3)
+    assert widths and set(widths) <= {1, 2, LAST_TOKEN_ROWS}, widths
 
 
 def test_prompt_learning_adapters_are_refused():
@@ -330,3 +414,14 @@ def test_progress_counts_the_clean_mean_pass(method, tok, monkeypatch):
     mean_pass = events[: 2 * len(CLEAN)]  # one clean prompt per batch, each followed by a count
     assert mean_pass[0::2] == ["pass"] * len(CLEAN) and all(c != "pass" and c > 0 for c in mean_pass[1::2])
     assert sum(e for e in events if e != "pass") == pytest.approx(len(CORRUPTED))
+
+
+def test_exact_batch_row_layout_equals_one_head_at_a_time(tok, monkeypatch):
+    # Families whose copies cannot share a batch row as query positions (the probe fails) put
+    # each patched copy in its own batch row over a repeated cache; layers are still skipped.
+    monkeypatch.setattr(LastToken, "_copies_work", lambda self, base: False)
+    model = tiny_model("qwen2", dtype=torch.float64, attn_implementation="sdpa")
+    want = _ref_exact(model, tok, CLEAN, CORRUPTED, TARGETS)
+    for bs in (64, 5):
+        got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact", batch_size=bs)
+        _close(got, want, rel=1e-6)

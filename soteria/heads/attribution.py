@@ -4,7 +4,10 @@ For head ``h`` of layer ``l`` (input columns ``[h*D, (h+1)*D)`` of that layer's 
 output projection, activation ``z^l_h``) and a corrupted prompt with target token ``t``:
 
 - exact: ``p(t | corrupted, z^l_h[last] := a_bar^l_h) - p(t | corrupted)``, where
-  ``a_bar^l_h`` is the mean of ``z^l_h`` at the last token over the clean prompts;
+  ``a_bar^l_h`` is the mean of ``z^l_h`` at the last token over the clean prompts. Each
+  prompt's prefix runs once with a KV cache; the patched copies run the last token only, many
+  to a pass, from the patched layer up (:mod:`.lastpos`). ``method="exact_full"`` runs every
+  patched copy through the whole prompt and every layer instead: the reference it must equal;
 - AtP: ``sum_d (a_bar^l_h - z^l_h[last])[d] * dp(t)/dz^l_h[last, d]``, its first-order Taylor
   expansion, from one forward and one backward pass per batch for all ``L*H`` heads.
 
@@ -26,6 +29,7 @@ comparable head for head; splitting them would put one algorithm in two places.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +42,7 @@ import soteria_kernels
 from ..arch import head_sites, unwrap_model
 from ..models.state import frozen_eval, input_device
 from .distributed import all_gather_object, all_reduce_sum, resolve, shard
+from .lastpos import LastToken, decoder_layers
 from .prompts import encode_batch, prompt_list
 
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "indirect_effects", "mean_activations"]
@@ -47,6 +52,9 @@ METHODS = ("atp", "exact")
 # pass, so it takes fewer rows; the exact method runs under no_grad and packs several patched
 # copies of the prompts into one pass.
 DEFAULT_BATCH_SIZE = {"atp": 8, "exact": 32}
+# The exact method's last-token passes (one token per row, over a prefix cache) pack this many
+# times ``batch_size`` rows: a row is one token, not a prompt.
+LAST_TOKEN_ROWS = 8
 
 Prompt = str | Sequence[int] | torch.Tensor
 Progress = Callable[[int], Any] | None
@@ -224,11 +232,14 @@ def _target_probs(
         kwargs["logits_to_keep"] = keep.to(ids.device)
         col = torch.searchsorted(keep, last)
     logits = model(**kwargs).logits
-    dev = logits.device
-    rows = torch.arange(len(last), device=dev)
-    sel = logits[rows, col.to(dev)]
-    sel = sel.to(torch.promote_types(sel.dtype, torch.float32))  # [B, V], fp32 (fp64 for fp64 models)
-    tgt = targets.to(dev)
+    rows = torch.arange(len(last), device=logits.device)
+    return _probs(logits[rows, col.to(logits.device)], targets)
+
+
+def _probs(sel: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B]``: p(target) from ``[B, V]`` logits (softmax in fp32, fp64 for fp64 models)."""
+    sel = sel.to(torch.promote_types(sel.dtype, torch.float32))
+    tgt = targets.to(sel.device)
     if int(tgt.max()) >= sel.shape[-1] or int(tgt.min()) < 0:
         raise ValueError(f"target token id out of range for the model's {sel.shape[-1]} logits")
     return sel.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1).exp()
@@ -374,13 +385,9 @@ def _atp(model, tokenizer, sites, means, prompts, groups, targets, bs, progress)
     return out
 
 
-def _exact(model, tokenizer, sites, means, prompts, groups, targets, bs, progress) -> torch.Tensor:
-    n, L, H = len(prompts), len(sites), sites[0].num_heads
-    out = torch.empty(n, L, H, dtype=torch.float32)
-    device = input_device(model)
-    pairs = [(layer, h) for layer in range(L) for h in range(H)]
-    # plan[layer] = (rows [k], positions [k], head indices [k], groups [k]) patched in that layer
-    state: dict[str, Any] = {"plan": {}}
+def _patch_hooks(sites, means, state: dict) -> Callable:
+    """o_proj pre-hooks for ``_pre_hooks``: ``state["plan"][layer] = (rows, positions, heads, groups)``
+    sets head ``heads[k]`` of row ``rows[k]`` at ``positions[k]`` to its group's mean."""
 
     def make_hook(layer, site):
         D = site.head_dim
@@ -398,37 +405,83 @@ def _exact(model, tokenizer, sites, means, prompts, groups, targets, bs, progres
 
         return hook
 
-    with frozen_eval(model, grad=False), _pre_hooks(sites, make_hook):
+    return make_hook
+
+
+def _plans(pairs, B: int, reps: int, at: Callable, groups: torch.Tensor):
+    """Passes of up to ``reps`` patched copies of a ``B``-prompt batch: ``(pairs of the pass,
+    plan)``; copy ``j`` of every prompt patches ``pairs[j]`` where ``at(copies, prompts)`` says
+    (``(rows, positions)`` of the o_proj input)."""
+    prompt = torch.arange(B)
+    for p0 in range(0, len(pairs), reps):
+        group = pairs[p0 : p0 + reps]
+        plan: dict[int, list[list[int]]] = {}
+        for j, (layer, h) in enumerate(group):
+            entry = plan.setdefault(layer, [[], []])
+            entry[0].append(j)
+            entry[1].append(h)
+        out = {}
+        for layer, (copies, heads) in plan.items():
+            copy = torch.tensor(copies).repeat_interleave(B)
+            rows, pos = at(copy, prompt.repeat(len(copies)))
+            out[layer] = (rows, pos, torch.tensor(heads).repeat_interleave(B), groups.repeat(len(copies)))
+        yield group, out
+
+
+def _full_batch(model, state, pairs, ids, mask, last, groups, tgt, bs, record, progress) -> None:
+    """Every patched copy runs the whole prompt (the reference path: nothing cached)."""
+    B = len(last)
+    state.update(B=B, plan={})
+    base = _target_probs(model, ids, mask, last, tgt).cpu()
+    for group, plan in _plans(pairs, B, max(1, bs // B), lambda j, i: (j * B + i, last[i]), groups):
+        r = len(group)
+        state.update(B=r * B, plan=plan)
+        p = _target_probs(model, ids.repeat(r, 1), mask.repeat(r, 1), last.repeat(r), tgt.repeat(r)).cpu()
+        record(group, p.view(r, B) - base)
+        if progress is not None:  # fractions of prompts, so a bar moves between batches
+            progress(B * r / len(pairs))
+    state["plan"] = {}
+
+
+def _kv_batch(runner: LastToken, state, pairs, groups, tgt, rows, record, progress) -> None:
+    """Every patched copy runs the last token only, over the prefix cache, from the patched
+    layer up (the layers below it return their unpatched outputs where the family allows)."""
+    B = runner.B
+    state.update(B=B, plan={})
+    base = _probs(runner.run(1, record=True), tgt).cpu()  # also picks the layout (runner.at)
+    for group, plan in _plans(pairs, B, max(1, rows // B), runner.at, groups):
+        r = len(group)
+        state.update(B=runner.batch(r), plan=plan)
+        below = group[0][0] if runner.can_skip else 0  # pairs go layer by layer: the lowest
+        p = _probs(runner.run(r, skip_below=below), tgt.repeat(r)).cpu()
+        record(group, p.view(r, B) - base)
+        if progress is not None:
+            progress(B * r / len(pairs))
+    state["plan"] = {}
+
+
+def _exact(model, tokenizer, sites, means, prompts, groups, targets, bs, progress, *, kv=True) -> torch.Tensor:
+    n, L, H = len(prompts), len(sites), sites[0].num_heads
+    out = torch.empty(n, L, H, dtype=torch.float32)
+    device = input_device(model)
+    pairs = [(layer, h) for layer in range(L) for h in range(H)]  # layer by layer (skip_below)
+    state: dict[str, Any] = {"plan": {}}
+    layers = decoder_layers(model, sites) if kv else None
+    rows = bs * LAST_TOKEN_ROWS
+    with frozen_eval(model, grad=False), _pre_hooks(sites, _patch_hooks(sites, means, state)):
         for a, b in _batches(n, bs):
-            B = b - a
-            ids, mask, last = _encode(tokenizer, prompts[a:b], device)
-            tgt = targets[a:b]
-            state.update(B=B, plan={})
-            base = _target_probs(model, ids, mask, last, tgt).cpu()
-            reps = max(1, bs // B)  # patched copies of this batch per forward pass
-            for p0 in range(0, len(pairs), reps):
-                group = pairs[p0 : p0 + reps]
-                r = len(group)
-                plan: dict[int, list[list[int]]] = {}
+
+            def record(group, effects, a=a, b=b):
                 for j, (layer, h) in enumerate(group):
-                    entry = plan.setdefault(layer, [[], []])
-                    entry[0].extend(range(j * B, (j + 1) * B))
-                    entry[1].extend([h] * B)
-                last_r, grp_r = last.repeat(r), groups[a:b].repeat(r)
-                state.update(
-                    B=r * B,
-                    plan={
-                        layer: (torch.tensor(rows), last_r[rows], torch.tensor(heads), grp_r[rows])
-                        for layer, (rows, heads) in plan.items()
-                    },
-                )
-                p = _target_probs(model, ids.repeat(r, 1), mask.repeat(r, 1), last_r, tgt.repeat(r)).cpu()
-                p = p.view(r, B)
-                for j, (layer, h) in enumerate(group):
-                    out[a:b, layer, h] = p[j] - base
-                if progress is not None:  # fractions of prompts, so a bar moves between batches
-                    progress(B * r / len(pairs))
-            state["plan"] = {}
+                    out[a:b, layer, h] = effects[j]
+
+            state.update(B=1, plan={})  # the prefill runs one prompt at a time
+            runner = kv and LastToken.prefill(model, prompts[a:b], layers, device, _one_logit(model))
+            if runner:
+                _kv_batch(runner, state, pairs, groups[a:b], targets[a:b], rows, record, progress)
+            else:
+                ids, mask, last = _encode(tokenizer, prompts[a:b], device)
+                _full_batch(model, state, pairs, ids, mask, last, groups[a:b], targets[a:b], bs, record, progress)
     return out
 
 
@@ -455,9 +508,13 @@ def indirect_effects(
         targets: ``N`` targets, strings (tokenised without special tokens; include the leading
             space yourself) or token ids; only the first token counts.
         method: ``"atp"`` (attribution patching, one forward + one backward pass per batch) or
-            ``"exact"`` (activation patching, ``L*H + 1`` forward passes per prompt, several
-            heads packed into one batched pass; equal to patching one head at a time).
-        batch_size: rows per forward pass (default ``DEFAULT_BATCH_SIZE[method]``).
+            ``"exact"`` (activation patching, equal to patching one head at a time: each
+            prompt's prefix runs once with a KV cache, then ``L*H + 1`` last-token rows per
+            prompt, many per pass, each from its patched layer up; see :mod:`.lastpos`).
+            ``"exact_full"`` is the same method without the cache (every patched copy runs the
+            whole prompt through every layer): the slow reference for tests and benchmarks.
+        batch_size: rows per forward pass (default ``DEFAULT_BATCH_SIZE[method]``); the exact
+            method's last-token passes take ``LAST_TOKEN_ROWS`` times as many one-token rows.
         progress: called with the number of corrupted prompts finished (a fraction of one with
             the exact method) after each forward pass; e.g. a ``tqdm`` bar's ``update``. The
             clean mean pass, which runs first, counts for a share of each (:func:`_mean_share`),
@@ -476,7 +533,7 @@ def indirect_effects(
     Returns:
         float32 ``[N, L, H]`` on the CPU.
     """
-    if method not in METHODS:
+    if method not in (*METHODS, "exact_full"):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _refuse_prompt_learning(model)
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
@@ -490,9 +547,9 @@ def indirect_effects(
         raise ValueError(f"corrupted_groups {orphans} have no clean prompts to take the mean activations from")
     n_groups = int(max(cg.max(), kg.max())) + 1
     rank, world = resolve(distributed)
-    bs = int(batch_size or DEFAULT_BATCH_SIZE[method])
+    bs = int(batch_size or DEFAULT_BATCH_SIZE["exact" if method == "exact_full" else method])
     sites = _sites(model)
-    run = _atp if method == "atp" else _exact
+    run = {"atp": _atp, "exact": _exact, "exact_full": functools.partial(_exact, kv=False)}[method]
     # Under a caller's inference_mode every new tensor would be an inference tensor, which
     # autograd refuses to save; leave it for the duration (a no-op otherwise).
     with torch.inference_mode(False):
