@@ -12,6 +12,8 @@ from tokenizers import normalizers, processors
 
 from soteria.heads import probes
 from soteria.heads.prompts import (
+    BOS_RULES,
+    REFERENCE_BOS,
     ProbePrompts,
     bos_prefix,
     build_prompts,
@@ -288,3 +290,114 @@ def test_encode_batch_logits_match_single_prompt_runs(tok, model_type):
             if side == "right":  # right padding needs no position ids
                 plain = model(ids, attention_mask=mask).logits[torch.arange(len(PROMPTS)), last]
                 torch.testing.assert_close(plain, got, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- BOS rules per tokenizer family
+
+
+def _family_tokenizer(family: str):
+    """The tiny tokenizer dressed as a family's tokenizer, as far as the BOS rules can see.
+
+    llama: adds ``<s>`` itself. Without that post-processor: gpt2 (BOS ``<|endoftext|>``, not
+    added), qwen2 (``<|endoftext|>`` special, no BOS token), phi3 (BOS ``<s>`` not added, and
+    ``<|endoftext|>`` special), plain (BOS ``<s>`` not added, no ``<|endoftext|>``).
+    """
+    t = copy.deepcopy(tiny_tokenizer())
+    if family == "llama":
+        return t
+    t.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    if family != "plain":
+        t.add_special_tokens({"additional_special_tokens": [REFERENCE_BOS]})
+    if family == "gpt2":
+        t.bos_token = REFERENCE_BOS
+    elif family == "qwen2":
+        t.bos_token = None
+    return t
+
+
+ENDOFTEXT_ID = 512  # the id the added <|endoftext|> gets (the tiny vocabulary has 512 tokens)
+FAMILY_PREFIX = {  # family: (reference rule, soteria's earlier "tokenizer" rule)
+    "llama": ("", ""),
+    "gpt2": (REFERENCE_BOS, REFERENCE_BOS),
+    "qwen2": (REFERENCE_BOS, ""),
+    "phi3": (REFERENCE_BOS, "<s>"),
+    "plain": ("<s>", "<s>"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_PREFIX))
+def test_bos_rule_per_tokenizer_family(family):
+    t = _family_tokenizer(family)
+    ref, old = FAMILY_PREFIX[family]
+    assert (bos_prefix(t), bos_prefix(t, "reference"), bos_prefix(t, "tokenizer"), bos_prefix(t, "none")) == (
+        ref, ref, old, "")  # fmt: skip
+    stripped = {}
+    for bos, prefix in (("reference", ref), ("tokenizer", old), ("none", "")):
+        p = build_prompts(PAIRS, t, n_shots=3, n_trials=4, bos=bos)
+        assert (p.bos, p.prefix) == (bos, prefix)
+        assert all(s.startswith(prefix + "Q: ") for s in p.clean + p.corrupted)
+        ids, _, _ = encode_batch(t, p.clean + p.corrupted)
+        first = {"": None, REFERENCE_BOS: ENDOFTEXT_ID, "<s>": BOS_ID}[prefix]
+        if family == "llama":  # the tokenizer's own <s> comes first, whatever the rule
+            first = BOS_ID
+        if first is None:
+            assert not (ids[:, 0] == BOS_ID).any() and not (ids[:, 0] == ENDOFTEXT_ID).any()
+        else:
+            assert (ids[:, 0] == first).all()
+            assert not (ids[:, 1] == BOS_ID).any() and not (ids[:, 1] == ENDOFTEXT_ID).any()
+        # The rule changes the text in front only: same draws, same targets.
+        stripped[bos] = ([s[len(prefix) :] for s in p.clean + p.corrupted], p.target_ids)
+    assert stripped["reference"] == stripped["tokenizer"] == stripped["none"]
+
+
+def test_reference_bos_is_the_default_and_old_rule_is_kept(tok_no_bos):
+    qwen = _family_tokenizer("qwen2")
+    assert build_prompts(PAIRS, qwen, n_shots=2, n_trials=2).prefix == REFERENCE_BOS
+    assert build_prompts(PAIRS, qwen, n_shots=2, n_trials=2, bos="tokenizer").prefix == ""
+    # "<|endoftext|>" split into pieces is never prepended: a tokenizer without it keeps the tokenizer rule.
+    assert len(tok_no_bos(REFERENCE_BOS, add_special_tokens=False).input_ids) > 1
+    assert bos_prefix(tok_no_bos) == bos_prefix(tok_no_bos, "tokenizer") == "<s>"
+    assert set(BOS_RULES) == {"reference", "tokenizer", "none"}
+
+
+@pytest.mark.parametrize("bad", ["bos", "", None, True, "<|endoftext|>"])
+def test_bad_bos_is_refused(tok, bad):
+    with pytest.raises(ValueError, match="bos must be one of"):
+        build_prompts(PAIRS, tok, n_shots=2, n_trials=2, bos=bad)
+    with pytest.raises(ValueError, match="bos must be one of"):
+        bos_prefix(tok, bad)
+
+
+@pytest.mark.parametrize(("model_type", "family"), [("qwen2", "qwen2"), ("llama", "llama"), ("gpt2", "gpt2")])
+def test_find_heads_records_prompt_settings_and_caches_by_bos(model_type, family, monkeypatch, tmp_path):
+    import soteria.heads.attribution as attribution
+    from soteria.heads import find_heads
+
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    monkeypatch.setenv("SOTERIA_CACHE_DIR", str(tmp_path / "c"))
+    t = _family_tokenizer(family)
+    model = tiny_model(model_type, vocab_size=ENDOFTEXT_ID + 8)
+    small = dict(tasks={"capital": PAIRS}, n_shots=3, n_trials=2, progress=False)
+    ref = find_heads(model, t, "xx", **small)
+    prompts = ref.settings["prompts"]
+    assert prompts["bos"] == "reference" and prompts["bos_text"] == FAMILY_PREFIX[family][0]
+    assert {"shuffle", "queries", "means", "precision"} <= set(prompts)
+    assert "derangement" in prompts["shuffle"] and "float32" in prompts["precision"]
+    old = find_heads(model, t, "xx", **small, bos="tokenizer")
+    assert old.settings["prompts"]["bos"] == "tokenizer"
+    assert old.settings["prompts"]["bos_text"] == FAMILY_PREFIX[family][1]
+    # Each rule has its own cache entry, even where both give the same text (llama, gpt2).
+    assert len(list((tmp_path / "c" / "heads").glob("*.json"))) == 2
+    if FAMILY_PREFIX[family][0] != FAMILY_PREFIX[family][1]:
+        assert not torch.equal(ref.scores, old.scores)
+
+    def boom(*a, **k):
+        raise AssertionError("cache miss: indirect_effects was called")
+
+    monkeypatch.setattr(attribution, "indirect_effects", boom)
+    for bos, want in (("reference", ref), ("tokenizer", old)):
+        assert torch.equal(find_heads(model, t, "xx", **small, bos=bos).scores, want.scores)
+    with pytest.raises(AssertionError, match="cache miss"):
+        find_heads(model, t, "xx", **small, bos="none")
+    with pytest.raises(ValueError, match="bos must be one of"):
+        find_heads(model, t, "xx", **small, bos="literal")

@@ -8,6 +8,12 @@ Demonstrations come from a seeded training split of the pairs (70%), queries fro
 held-out rest. The corrupted prompt of a trial has the same demonstrations with their labels
 shuffled among themselves and the same query. The target is the first token of
 ``" " + output`` as the tokenizer splits it after the prompt.
+
+What goes in front of the prompt text is a rule (``bos=``, :data:`BOS_RULES`): ``"reference"``
+(default) is the reference's, whose loader leaves the BOS to the tokenizer for Llama and Gemma
+and prepends a literal ``<|endoftext|>`` for every other family (GPT-2, GPT-J, NeoX, OLMo, and
+in Soteria's fork Qwen2 and Phi-3). :data:`PROMPT_RULES` names soteria's other choices, recorded
+with the scores (``HeadScores.settings["prompts"]``).
 """
 
 from __future__ import annotations
@@ -23,17 +29,40 @@ import torch
 from .probes import load_pairs
 
 __all__ = [
+    "BOS_RULES",
+    "PROMPT_RULES",
+    "REFERENCE_BOS",
     "ProbePrompts",
     "bos_prefix",
     "build_prompts",
+    "check_bos",
     "encode_batch",
     "first_answer_token",
     "format_prompt",
     "position_ids",
+    "prompt_settings",
     "split_pairs",
 ]
 
 _MAX_SHUFFLES = 100  # rejection-sampling budget for a derangement (each try succeeds w.p. ~1/e)
+
+REFERENCE_BOS = "<|endoftext|>"  # the text the reference puts in front when its loader says prepend_bos=False
+
+# What each ``bos=`` rule puts in front of the prompt text (see :func:`bos_prefix`).
+BOS_RULES = {
+    "reference": "the literal <|endoftext|> when the tokenizer has it as one token (the reference's "
+    "prepend_bos=False families: GPT-2, GPT-J, NeoX, OLMo, Qwen2, Phi-3); else the 'tokenizer' rule",
+    "tokenizer": "the tokenizer's BOS text when it has a BOS token but does not add it itself, else nothing "
+    "(soteria's earlier rule)",
+    "none": "nothing (the tokenizer still adds what it adds itself)",
+}
+
+# soteria's choices where it differs from the reference on purpose (README, "Prompts").
+PROMPT_RULES = {
+    "shuffle": "derangement: every corrupted label leaves its position and corrupted != clean",
+    "queries": "the whole held-out 30% split in a seeded shuffle, each query once before any repeats",
+    "demonstrations": "n_shots distinct pairs of the 70% train split, at least two different outputs",
+}
 
 
 @dataclass
@@ -45,7 +74,8 @@ class ProbePrompts:
     ``answers[i]``: ``" " + output`` of the query. ``target_ids[i]``: first token id of that
     answer after the prompt. ``queries[i]``: the query input. ``demonstrations[i]``: the
     ``(input, output)`` demonstrations with true labels; ``corrupted_labels[i]``: the labels
-    shown in the corrupted prompt. ``dropped``: held-out queries skipped because their answer
+    shown in the corrupted prompt. ``prefix``: the text in front of every prompt, from the rule
+    ``bos`` (:func:`bos_prefix`). ``dropped``: held-out queries skipped because their answer
     gave no token.
     """
 
@@ -57,6 +87,7 @@ class ProbePrompts:
     demonstrations: list[list[tuple[str, str]]] = field(default_factory=list)
     corrupted_labels: list[list[str]] = field(default_factory=list)
     prefix: str = ""
+    bos: str = "reference"
     n_shots: int = 0
     seed: int = 0
     dropped: list[str] = field(default_factory=list)
@@ -99,18 +130,59 @@ def _ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def bos_prefix(tokenizer) -> str:
-    """The text to put in front of each prompt: the BOS token's text when the tokenizer has a
-    ``bos_token`` but does not add it itself when encoding (GPT-2: ``"<|endoftext|>"``, as the
-    reference did), else ``""`` (it adds one itself, or it has none, like Qwen2)."""
-    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
-    if not bos or bos_id is None:
+def _single_token(tokenizer, text: str) -> int | None:
+    """The id ``text`` encodes to when it is exactly one token (special tokens not split), else None."""
+    ids = _ids(tokenizer, text, add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def check_bos(bos: Any) -> str:
+    """``bos`` when it names a rule of :data:`BOS_RULES`, else ValueError."""
+    if not isinstance(bos, str) or bos not in BOS_RULES:
+        raise ValueError(f"bos must be one of {', '.join(map(repr, BOS_RULES))}, got {bos!r}")
+    return bos
+
+
+def bos_prefix(tokenizer, bos: str = "reference") -> str:
+    """The text put in front of each prompt under the rule ``bos`` (:data:`BOS_RULES`).
+
+    ``"tokenizer"``: the BOS token's text when the tokenizer has a ``bos_token`` but does not
+    add it itself when encoding (GPT-2: ``"<|endoftext|>"``; a Phi-3 style ``<s>`` that is not
+    added), else ``""`` (it adds one itself, like Llama and Gemma, or has none, like Qwen2).
+
+    ``"reference"``: ``"<|endoftext|>"`` whenever that text is a single token of the tokenizer,
+    whatever it adds itself: the reference (``load_gpt_model_and_tokenizer``,
+    ``word_pairs_to_prompt_data(prepend_bos_token=not prepend_bos)``) prepends this literal for
+    every family it loads with ``prepend_bos=False`` (GPT-2, GPT-J, NeoX/Pythia, OLMo; Qwen and
+    Phi in Soteria's fork), and all of those have it; the families it loads with
+    ``prepend_bos=True`` (Llama, Gemma) do not, and add their own BOS. A tokenizer without it
+    (a family the reference never loaded) gets the ``"tokenizer"`` rule rather than the
+    literal split into pieces.
+
+    ``"none"``: ``""``.
+    """
+    check_bos(bos)
+    if bos == "none":
+        return ""
+    if bos == "reference" and _single_token(tokenizer, REFERENCE_BOS) is not None:
+        return REFERENCE_BOS
+    bos_text, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos_text or bos_id is None:
         return ""
     encoded = _ids(tokenizer, "Q: a")
     if encoded and encoded[0] == bos_id:
         return ""
     # Only prefix text that the tokenizer maps back to the BOS id (special tokens not split).
-    return bos if _ids(tokenizer, bos, add_special_tokens=False) == [bos_id] else ""
+    return bos_text if _single_token(tokenizer, bos_text) == bos_id else ""
+
+
+def prompt_settings(bos: str = "reference", prefix: str | None = None) -> dict[str, Any]:
+    """How prompts are made, for a result's ``settings``: the BOS rule (and the text it gave,
+    when known) and :data:`PROMPT_RULES`."""
+    out: dict[str, Any] = {"bos": check_bos(bos)}
+    if prefix is not None:
+        out["bos_text"] = prefix
+    return {**out, **PROMPT_RULES}
 
 
 def first_answer_token(tokenizer, prompt: str, answer: str) -> int | None:
@@ -151,6 +223,7 @@ def build_prompts(
     n_trials: int = 25,
     seed: int = 0,
     train_frac: float = 0.7,
+    bos: str = "reference",
 ) -> ProbePrompts:
     """``n_trials`` clean/corrupted prompt pairs from ``pairs`` (anything :func:`load_pairs` reads).
 
@@ -162,12 +235,15 @@ def build_prompts(
     always differ from the clean ones; with ``n_shots < 2`` corrupted equals clean. A query
     whose answer gives no token is dropped and the next one drawn; ValueError when none remain.
     Everything is drawn from ``random.Random`` seeded by ``seed``: same inputs -> same prompts.
+    ``bos``: what goes in front of the prompt text (:func:`bos_prefix`; ``"tokenizer"`` is
+    soteria's earlier rule); it changes no draw.
     """
     for name, value, low in (("n_shots", n_shots, 0), ("n_trials", n_trials, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    check_bos(bos)
     pairs = load_pairs(pairs)
     train, test = split_pairs(pairs, train_frac=train_frac, seed=seed)
     if n_shots > len(train):
@@ -180,9 +256,9 @@ def build_prompts(
             "all training pairs have the same output, so shuffled (corrupted) labels would equal the clean ones"
         )
 
-    prefix = bos_prefix(tokenizer)
+    prefix = bos_prefix(tokenizer, bos)
     rng = random.Random(f"soteria.build_prompts:{seed}")
-    out = ProbePrompts([], [], [], [], prefix=prefix, n_shots=n_shots, seed=seed)
+    out = ProbePrompts([], [], [], [], prefix=prefix, bos=bos, n_shots=n_shots, seed=seed)
     bad: set[int] = set()
     order: list[int] = []
     for _ in range(n_trials):

@@ -30,7 +30,7 @@ from . import attribution
 from .cache import cache_dir, cache_key, model_fingerprint
 from .distributed import all_gather_object, broadcast_object, resolve
 from .probes import resolve_tasks
-from .prompts import build_prompts, encode_batch
+from .prompts import bos_prefix, build_prompts, check_bos, encode_batch, prompt_settings
 from .scores import HeadScores, resolve_k
 
 __all__ = ["AUTO_JACCARD", "AUTO_MAX_TRIALS", "AUTO_STEP", "find_heads", "find_heads_multi"]
@@ -39,6 +39,13 @@ __all__ = ["AUTO_JACCARD", "AUTO_MAX_TRIALS", "AUTO_STEP", "find_heads", "find_h
 AUTO_STEP = 5  # trials per task added in each round of n_trials="auto"
 AUTO_MAX_TRIALS = 25  # the reference's trial count: the most "auto" uses
 AUTO_JACCARD = 0.9  # a round whose top-k set matches the previous one this well ends the search
+
+# Recorded in settings["prompts"] with the prompt rules (README, "Prompts").
+MEANS_RULE = (
+    "each task's mean clean activation is over its clean prompts of the same round (the clean twins of the "
+    f"corrupted prompts scored; rounds of {AUTO_STEP} under n_trials='auto', else all)"
+)
+PRECISION_RULE = "p(target) from a float32 softmax of the logits (float64 for float64 models)"
 
 
 def _auto_rule(k: int) -> str:
@@ -163,6 +170,7 @@ def find_heads(
     progress: bool = True,
     distributed: bool | None = None,
     stop_k: int | float | None = None,
+    bos: str = "reference",
 ) -> HeadScores:
     """Score every head of ``model`` by its average indirect effect on ``lang``'s probe tasks.
 
@@ -179,6 +187,10 @@ def find_heads(
             rounds). The rule and the trials used are recorded in ``settings``.
         stop_k: the head count the ``"auto"`` rule watches (a count or a fraction of all heads;
             default: 10% of the heads, at least 4); give the ``top_k`` you will steer with.
+        bos: what goes in front of each prompt (:data:`soteria.heads.prompts.BOS_RULES`):
+            ``"reference"`` (default; a literal ``<|endoftext|>`` for Qwen2, Phi-3, GPT-2...),
+            ``"tokenizer"`` (soteria's earlier rule) or ``"none"``. Recorded, with the other
+            prompt rules, in ``settings["prompts"]``.
         batch_size: rows per forward pass (see :func:`soteria.attribution.indirect_effects`).
             The tasks share batches.
         cache: read/write ``$SOTERIA_CACHE_DIR/heads/<key>.json``; the key covers a fingerprint
@@ -207,6 +219,7 @@ def find_heads(
         progress=progress,
         distributed=distributed,
         stop_k=stop_k,
+        bos=bos,
     )[lang]
 
 
@@ -226,6 +239,7 @@ def find_heads_multi(
     progress: bool = True,
     distributed: bool | None = None,
     stop_k: int | float | None = None,
+    bos: str = "reference",
 ) -> dict[str, HeadScores]:
     """:func:`find_heads` for several languages at once: ``{lang: HeadScores}`` in ``langs`` order.
 
@@ -243,6 +257,7 @@ def find_heads_multi(
 
     if method not in attribution.METHODS:
         raise ValueError(f"method must be one of {attribution.METHODS}, got {method!r}")
+    check_bos(bos)
     langs = lang_list(langs)
     adaptive = _check_trials(n_trials)
     n_build = AUTO_MAX_TRIALS if adaptive else n_trials
@@ -256,7 +271,7 @@ def find_heads_multi(
     for lang in langs:
         task_pairs = resolve_tasks(lang, tasks_by_lang.get(lang, tasks))
         built[lang] = {
-            name: build_prompts(pairs, tokenizer, n_shots=n_shots, n_trials=n_build, seed=seed)
+            name: build_prompts(pairs, tokenizer, n_shots=n_shots, n_trials=n_build, seed=seed, bos=bos)
             for name, pairs in task_pairs.items()
         }
         for name, pp in built[lang].items():
@@ -278,6 +293,8 @@ def find_heads_multi(
         if len(set(prints)) != 1:
             differ = [r for r, f in enumerate(prints) if f != prints[0]]
             raise ValueError(f"find_heads: ranks {differ} hold other weights than rank 0; load one model everywhere")
+    prompt_rules = {**prompt_settings(bos, bos_prefix(tokenizer, bos)), "means": MEANS_RULE}
+    prompt_rules["precision"] = PRECISION_RULE
     settings: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
     for lang in langs:
@@ -288,6 +305,7 @@ def find_heads_multi(
             "n_trials": n_trials,
             **({"auto_rule": _auto_rule(k_watch)} if adaptive else {}),
             "seed": seed,
+            "prompts": prompt_rules,
             "model_fingerprint": fingerprint,
             "soteria_version": __version__,
         }
