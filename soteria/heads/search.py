@@ -194,7 +194,7 @@ def find_heads(
         batch_size: rows per forward pass (see :func:`soteria.attribution.indirect_effects`).
             The tasks share batches.
         cache: read/write ``$SOTERIA_CACHE_DIR/heads/<key>.json``; the key covers a fingerprint
-            of the weights (:func:`soteria.cache.model_fingerprint`), the prompts' token ids,
+            of the weights (:func:`soteria.cache.model_fingerprint`), the prompts' token ids (and rules),
             ``lang``, ``method``, the settings and the soteria version.
         progress: show a tqdm bar over trials (hidden when stderr is not a terminal).
         distributed: None (default) shards the prompts over the ``torch.distributed`` process
