@@ -23,6 +23,7 @@ from ._contract import (
     check_float,
     check_head_axis,
     check_heads_layout,
+    check_inplace_operands,
     check_same,
     check_tensor_args,
     normalize_heads,
@@ -136,6 +137,7 @@ def _masked_head_update_op(
         # 0-d scale (stride 0) would otherwise be read past its storage.
         heads = heads.to(weight.device, non_blocking=True).contiguous()
         scales = scales.to(weight.device, torch.float32, non_blocking=True).contiguous()
+        check_inplace_operands(weight, other, "harmful" if fused else "delta")
         _launch(weight, other, heads, scales, head_dim, head_axis, fused)
     else:
         fn = reference.masked_head_steer_ if fused else reference.masked_head_update_
