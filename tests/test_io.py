@@ -84,3 +84,42 @@ def test_repo_ids(tmp_path):
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "model").mkdir()
     assert hub_repo_id(str(tmp_path / "org" / "model")) is None
+
+
+def _raw_file(path, header: dict, data_len: int):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_len)
+    return path
+
+
+OK = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+MALFORMED = [
+    ({"data_offsets": [8, 16], "dtype": "F32"}, 16, "without shape"),  # was a KeyError in the sort
+    ({"dtype": "F32", "shape": [2], "data_offsets": None}, 16, "data_offsets None"),  # was a TypeError
+    ([1, 2], 8, "expected an object"),  # was a TypeError
+    ({"dtype": ["F32"], "shape": [2], "data_offsets": [8, 16]}, 16, "unknown dtype"),  # unhashable dtype
+    ({"dtype": 7, "shape": [2], "data_offsets": [8, 16]}, 16, "unknown dtype"),
+    ({"dtype": "F32", "shape": [0, -3], "data_offsets": [8, 8]}, 8, "shape"),  # 0 * -3 bytes: was accepted
+    ({"dtype": "F32", "shape": [True, 2], "data_offsets": [8, 16]}, 16, "shape"),  # bool as 1: was accepted
+    ({"dtype": "F32", "shape": "2", "data_offsets": [8, 16]}, 16, "shape"),  # string shape: was accepted
+    ({"dtype": "F32", "shape": [2.0], "data_offsets": [8, 16]}, 16, "shape"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8.0, 16.0]}, 16, "data_offsets"),  # floats: were accepted
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, False]}, 8, "data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 16, 24]}, 24, "data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [16, 8]}, 16, "data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, 8, "data_offsets"),
+]
+
+
+@pytest.mark.parametrize("entry, data_len, match", MALFORMED)
+def test_malformed_header_entries_raise_value_error_naming_the_tensor(tmp_path, entry, data_len, match):
+    path = _raw_file(tmp_path / "m.safetensors", {"ok": OK, "bad.weight": entry}, data_len)
+    with pytest.raises(ValueError, match=f"tensor 'bad.weight'.*{match}"):
+        read_safetensors(path)
+
+
+def test_well_formed_crafted_header_is_accepted(tmp_path):
+    path = _raw_file(
+        tmp_path / "g.safetensors", {"ok": OK, "z": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [8, 8]}}, 8
+    )
+    assert [name for name, _ in read_safetensors(path).tensors()] == ["ok", "z"]
