@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -12,7 +13,14 @@ from safetensors.torch import save_file
 
 from soteria.io.checkpoint import checkpoint_shards, find_key, key_candidates
 from soteria.io.hub import hub_repo_id, looks_like_repo_id
-from soteria.io.safetensors import add_metadata, encode_header, read_safetensors, read_tensor, save_tensors
+from soteria.io.safetensors import (
+    add_metadata,
+    encode_header,
+    read_safetensors,
+    read_tensor,
+    save_tensors,
+    write_safetensors,
+)
 
 
 def test_header_roundtrip_and_corrupt_files(tmp_path):
@@ -123,3 +131,22 @@ def test_well_formed_crafted_header_is_accepted(tmp_path):
         tmp_path / "g.safetensors", {"ok": OK, "z": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [8, 8]}}, 8
     )
     assert [name for name, _ in read_safetensors(path).tensors()] == ["ok", "z"]
+
+
+def test_unchanged_bytes_are_copied_in_the_kernel_in_few_coalesced_ranges(tmp_path, monkeypatch):
+    """write_safetensors copies every run of untouched tensors with one copy_file_range range (not
+    one call per tensor, not through Python buffers) and rewrites only the edited tensors."""
+    tensors = {f"t{i:02d}": torch.randn(64, 3) for i in range(40)}
+    save_file(tensors, tmp_path / "src.safetensors")
+    src = read_safetensors(tmp_path / "src.safetensors")
+    calls, real = [], os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(os, "pread", lambda *a: pytest.fail("bulk bytes went through os.pread"))
+    edits = {"t10": lambda w: w.mul_(2), "t11": lambda w: w.mul_(2), "t30": lambda w: w.neg_()}
+    write_safetensors(src, tmp_path / "dst.safetensors", edits=edits)
+    item = 64 * 3 * 4
+    assert calls == [10 * item, 18 * item, 9 * item]  # t00-t09, t12-t29, t31-t39
+    with safe_open(tmp_path / "dst.safetensors", framework="pt") as f:
+        for name, t in tensors.items():
+            want = t * 2 if name in ("t10", "t11") else -t if name == "t30" else t
+            assert torch.equal(f.get_tensor(name), want), name
