@@ -114,6 +114,7 @@ def _plan(weight, other, heads, scales, head_dim: int, axis: int, fused: bool):
 
 
 def _launch(weight, other, heads, scales, head_dim: int, axis: int, fused: bool) -> None:
+    check_inplace_operands(weight, other, "harmful" if fused else "delta")  # as the eager reference does
     grid, kwargs = _plan(weight, other, heads, scales, head_dim, axis, fused)
     # fp fusion: ``w - s * x`` is one fma, so the fp32 result is rounded once
     _masked_head_update_kernel[grid](**kwargs, num_warps=NUM_WARPS, enable_fp_fusion=True)
@@ -137,7 +138,6 @@ def _masked_head_update_op(
         # 0-d scale (stride 0) would otherwise be read past its storage.
         heads = heads.to(weight.device, non_blocking=True).contiguous()
         scales = scales.to(weight.device, torch.float32, non_blocking=True).contiguous()
-        check_inplace_operands(weight, other, "harmful" if fused else "delta")
         _launch(weight, other, heads, scales, head_dim, head_axis, fused)
     else:
         fn = reference.masked_head_steer_ if fused else reference.masked_head_update_
