@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import reprlib
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -83,22 +84,23 @@ def _is_index(x) -> bool:
 
 
 def _check_entry(path: Path, name: str, info) -> None:
-    """One tensor's header entry, checked before anything reads it: ValueError names the tensor."""
-    where = f"{path}: tensor {name!r}"
+    """One tensor's header entry, checked before anything reads it: ValueError names the tensor
+    (values shown abridged: a crafted header may hold huge ones)."""
+    where, short = f"{path}: tensor {name!r}", reprlib.repr
     if not isinstance(info, dict):
-        raise ValueError(f"{where} has header entry {info!r}; expected an object with dtype, shape, data_offsets")
+        raise ValueError(f"{where} has header entry {short(info)}; expected an object with dtype, shape, data_offsets")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
     if missing:
         raise ValueError(f"{where} has a header entry without {', '.join(missing)}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
-        raise ValueError(f"{where} has unknown dtype {dtype!r}")
+        raise ValueError(f"{where} has unknown dtype {short(dtype)}")
     if not isinstance(shape, list) or not all(_is_index(s) for s in shape):
-        raise ValueError(f"{where} has shape {shape!r}; expected a list of non-negative ints")
+        raise ValueError(f"{where} has shape {short(shape)}; expected a list of non-negative ints")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_index, offsets)) and offsets[0] <= offsets[1]
     ):
-        raise ValueError(f"{where} has data_offsets {offsets!r}; expected [begin, end], ints with 0 <= begin <= end")
+        raise ValueError(f"{where} has data_offsets {short(offsets)}; expected ints [begin, end], 0 <= begin <= end")
 
 
 def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
