@@ -20,7 +20,8 @@ output folders are removed and ``sync`` run between commands (outside the timing
 load average is recorded before and after each checkpoint (the machine may be shared).
 Synthetic checkpoints are random bf16 Llama-shaped ones (8 heads, 2 key/value heads); the real one
 is the 0.5B model cached by ``soteria.models.pretrained`` (fp32 on disk) and its bf16 copy.
-Printed and appended to ``benchmarks/results/streaming_cp.csv``.
+Printed (with a least-squares fit ``fixed + per GB`` of each command over the checkpoints) and
+appended to ``benchmarks/results/streaming_cp.csv``.
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ def bench(name: str, base: Path, harm: Path, pairs, work: Path, repeats: int) ->
     }
 
 
+def fit(rows: list[dict], key: str) -> tuple[float, float]:
+    """Least-squares ``seconds = fixed + per_gb * gb`` over ``rows`` (start-up cost and cost per GB)."""
+    xs, ys = [r["gb"] for r in rows], [r[key] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    per_gb = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - per_gb * mx, per_gb
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="*", metavar="HIDDENxLAYERS", help="synthetic sizes (default: three)")
@@ -168,6 +177,10 @@ def main(argv=None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     print_table(rows, ["checkpoint", "gb", "cp_s", "cp_sync_s", "env_s", "steer_s", "steer_s_per_gb",
                        "cp_s_per_gb", "x_cp", "x_cp_sync", "load_before", "load_after"])  # fmt: skip
+    if len({r["gb"] for r in rows}) > 1:
+        for key in ("steer_s", "cp_s", "cp_sync_s"):
+            fixed, per_gb = fit(rows, key)
+            print(f"fit over these checkpoints, {key[:-2]}: {fixed:.2f} s + {per_gb:.3f} s/GB")
     path = append_csv("streaming_cp", [{**r, **provenance()} for r in rows])
     print(f"appended {len(rows)} rows to {path}")
     return 0
