@@ -3,6 +3,8 @@
     python -m benchmarks.streaming                 # ~50 MB, ~190 MB, ~740 MB checkpoints (a few minutes)
     python -m benchmarks.streaming --quick         # the smallest only
     python -m benchmarks.streaming --plot-only     # redraw the plot from the CSV
+    python -m benchmarks.streaming --vs-cp         # `soteria steer --streaming` vs `cp -r`, per GB
+                                                   # (benchmarks/streaming_cp.py; its options follow)
 
 For each size, random fp32 Llama-shaped base and "harmful" checkpoints are written (sharded,
 tensor by tensor, no model built) and a quarter of all heads is steered two ways, each in its
@@ -63,8 +65,10 @@ def _config(hidden: int, layers: int):
     )
 
 
-def write_checkpoint(folder: Path, config, seed: int, shard_bytes: int = 200 << 20) -> dict[str, tuple]:
-    """Random fp32 sharded checkpoint of ``config`` written tensor by tensor; returns the shapes."""
+def write_checkpoint(
+    folder: Path, config, seed: int, shard_bytes: int = 200 << 20, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple]:
+    """Random sharded checkpoint of ``config`` (``dtype``) written shard by shard; returns the shapes."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -73,9 +77,10 @@ def write_checkpoint(folder: Path, config, seed: int, shard_bytes: int = 200 << 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     groups, cur, size = [], [], 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
     for k, shape in shapes.items():
         cur.append(k)
-        size += 4 * torch.Size(shape).numel()
+        size += itemsize * torch.Size(shape).numel()
         if size >= shard_bytes:
             groups.append(cur)
             cur, size = [], 0
@@ -85,11 +90,11 @@ def write_checkpoint(folder: Path, config, seed: int, shard_bytes: int = 200 << 
     weight_map = {}
     for i, names in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {k: torch.randn(shapes[k], generator=gen) * 0.02 for k in names}
+        tensors = {k: (torch.randn(shapes[k], generator=gen) * 0.02).to(dtype) for k in names}
         save_file(tensors, folder / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, fname))
         del tensors
-    total = sum(4 * torch.Size(s).numel() for s in shapes.values())
+    total = sum(itemsize * torch.Size(s).numel() for s in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.to_json_file(folder / "config.json")
@@ -276,6 +281,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         _worker(argv[1:])
         return 0
+    if argv[:1] == ["--vs-cp"]:  # the whole CLI process against cp -r, time per GB
+        from benchmarks import streaming_cp
+
+        return streaming_cp.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the smallest checkpoint only")
     parser.add_argument("--sizes", nargs="+", metavar="HIDDENxLAYERS", help="e.g. 512x4 2048x8")

@@ -116,3 +116,52 @@ def check_head_axis(head_axis: int, weight: torch.Tensor) -> int:
     if head_axis not in (-1, 0, 1):
         raise ValueError(f"head_axis must be -1 / 1 (nn.Linear columns) or 0 (Conv1D rows), got {head_axis}")
     return head_axis % 2
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements from the first to one past the last that ``t`` addresses in its storage."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True if two elements of ``t`` may share memory (an expanded or ``as_strided`` view).
+
+    Dims are laid out by increasing stride; each must step past everything the faster dims
+    address. Exact for every layout a slice, transpose or permute can give; conservative
+    (True) only for hand-made ``as_strided`` views that interleave dims without overlap.
+    """
+    reach = 0  # elements spanned by the faster dims, minus one
+    for n, s in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n > 1), key=lambda ns: ns[1]):
+        if s <= reach:
+            return True
+        reach += (n - 1) * s
+    return False
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if the bytes ``a`` and ``b`` address (first to last element) intersect in one storage."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + _extent(a) * a.element_size(), b0 + _extent(b) * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def check_inplace_operands(weight: torch.Tensor, other: torch.Tensor, other_name: str) -> None:
+    """The in-place update writes ``weight`` while it reads ``other``: neither may alias ``weight``.
+
+    Run by the Triton launcher and the eager reference alike, before any write, so both sides
+    accept and reject the same calls.
+    """
+    if has_internal_overlap(weight):
+        raise ValueError(
+            f"weight has overlapping memory (strides {tuple(weight.stride())} for shape {tuple(weight.shape)}, "
+            f"e.g. an expanded view): an in-place update would write one element twice; pass weight.clone()"
+        )
+    if shares_memory(weight, other):
+        raise ValueError(
+            f"{other_name} shares memory with weight (a view of it, such as weight.t() or a slice): "
+            f"the update would read values it has already written; pass {other_name}.clone()"
+        )

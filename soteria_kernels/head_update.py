@@ -23,6 +23,7 @@ from ._contract import (
     check_float,
     check_head_axis,
     check_heads_layout,
+    check_inplace_operands,
     check_same,
     check_tensor_args,
     normalize_heads,
@@ -113,6 +114,7 @@ def _plan(weight, other, heads, scales, head_dim: int, axis: int, fused: bool):
 
 
 def _launch(weight, other, heads, scales, head_dim: int, axis: int, fused: bool) -> None:
+    check_inplace_operands(weight, other, "harmful" if fused else "delta")  # as the eager reference does
     grid, kwargs = _plan(weight, other, heads, scales, head_dim, axis, fused)
     # fp fusion: ``w - s * x`` is one fma, so the fp32 result is rounded once
     _masked_head_update_kernel[grid](**kwargs, num_warps=NUM_WARPS, enable_fp_fusion=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._contract import check_inplace_operands
+
 __all__ = ["head_attribution", "masked_head_steer_", "masked_head_update_"]
 
 
@@ -52,6 +54,7 @@ def _column_index(heads: torch.Tensor, head_dim: int, device) -> torch.Tensor:
 def _update_(weight, other, heads, head_dim, scale, head_axis, fused: bool) -> torch.Tensor:
     if heads.numel() == 0:
         return weight
+    check_inplace_operands(weight, other, "harmful" if fused else "delta")
     axis = head_axis % weight.ndim
     acc = _acc_dtype(weight.dtype)
     idx = _column_index(heads, head_dim, weight.device)

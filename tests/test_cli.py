@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from soteria.cli import main
+from soteria.cli.main import COMMANDS, build_parser
 
 
 @pytest.fixture(autouse=True)
@@ -256,3 +257,29 @@ def mock_response(status: int):
     response.status_code = status
     response.headers = {}
     return response
+
+
+def test_a_command_imports_its_own_module_only():
+    """``soteria steer ...`` builds the steer parser alone: the demo's, tune's and evaluation's
+    imports (transformers, optuna, judges) are not paid by a streaming edit."""
+    code = (
+        "import sys; from soteria.cli.main import COMMANDS, build_parser; "
+        "build_parser('steer').parse_args(['steer', 'x', '--langs', 'es', '--out', 'o']); "
+        "print(sorted(m for m in COMMANDS.values() if m in sys.modules)); print('transformers' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["['soteria.cli.steer']", "False"]
+
+
+def test_every_command_is_listed_and_reachable(capsys):
+    full = build_parser()
+    names = set(full._subparsers._group_actions[0].choices)
+    assert names == set(COMMANDS)
+    for name in COMMANDS:
+        assert set(build_parser(name)._subparsers._group_actions[0].choices) == {name}
+    with pytest.raises(SystemExit) as exc:  # an unknown command: the full parser's error lists them all
+        main(["bogus"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in err
+    assert all(repr(name) in err for name in COMMANDS)

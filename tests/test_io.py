@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -12,7 +13,14 @@ from safetensors.torch import save_file
 
 from soteria.io.checkpoint import checkpoint_shards, find_key, key_candidates
 from soteria.io.hub import hub_repo_id, looks_like_repo_id
-from soteria.io.safetensors import add_metadata, encode_header, read_safetensors, read_tensor, save_tensors
+from soteria.io.safetensors import (
+    add_metadata,
+    encode_header,
+    read_safetensors,
+    read_tensor,
+    save_tensors,
+    write_safetensors,
+)
 
 
 def test_header_roundtrip_and_corrupt_files(tmp_path):
@@ -84,3 +92,61 @@ def test_repo_ids(tmp_path):
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "model").mkdir()
     assert hub_repo_id(str(tmp_path / "org" / "model")) is None
+
+
+def _raw_file(path, header: dict, data_len: int):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_len)
+    return path
+
+
+OK = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+MALFORMED = [
+    ({"data_offsets": [8, 16], "dtype": "F32"}, 16, "without shape"),  # was a KeyError in the sort
+    ({"dtype": "F32", "shape": [2], "data_offsets": None}, 16, "data_offsets None"),  # was a TypeError
+    ([1, 2], 8, "expected an object"),  # was a TypeError
+    ({"dtype": ["F32"], "shape": [2], "data_offsets": [8, 16]}, 16, "unknown dtype"),  # unhashable dtype
+    ({"dtype": 7, "shape": [2], "data_offsets": [8, 16]}, 16, "unknown dtype"),
+    ({"dtype": "F32", "shape": [0, -3], "data_offsets": [8, 8]}, 8, "shape"),  # 0 * -3 bytes: was accepted
+    ({"dtype": "F32", "shape": [True, 2], "data_offsets": [8, 16]}, 16, "shape"),  # bool as 1: was accepted
+    ({"dtype": "F32", "shape": "2", "data_offsets": [8, 16]}, 16, "shape"),  # string shape: was accepted
+    ({"dtype": "F32", "shape": [2.0], "data_offsets": [8, 16]}, 16, "shape"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8.0, 16.0]}, 16, "data_offsets"),  # floats: were accepted
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, False]}, 8, "data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 16, 24]}, 24, "data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [16, 8]}, 16, "data_offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, 8, "data_offsets"),
+]
+
+
+@pytest.mark.parametrize("entry, data_len, match", MALFORMED)
+def test_malformed_header_entries_raise_value_error_naming_the_tensor(tmp_path, entry, data_len, match):
+    path = _raw_file(tmp_path / "m.safetensors", {"ok": OK, "bad.weight": entry}, data_len)
+    with pytest.raises(ValueError, match=f"tensor 'bad.weight'.*{match}"):
+        read_safetensors(path)
+
+
+def test_well_formed_crafted_header_is_accepted(tmp_path):
+    path = _raw_file(
+        tmp_path / "g.safetensors", {"ok": OK, "z": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [8, 8]}}, 8
+    )
+    assert [name for name, _ in read_safetensors(path).tensors()] == ["ok", "z"]
+
+
+def test_unchanged_bytes_are_copied_in_the_kernel_in_few_coalesced_ranges(tmp_path, monkeypatch):
+    """write_safetensors copies every run of untouched tensors with one copy_file_range range (not
+    one call per tensor, not through Python buffers) and rewrites only the edited tensors."""
+    tensors = {f"t{i:02d}": torch.randn(64, 3) for i in range(40)}
+    save_file(tensors, tmp_path / "src.safetensors")
+    src = read_safetensors(tmp_path / "src.safetensors")
+    calls, real = [], os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(os, "pread", lambda *a: pytest.fail("bulk bytes went through os.pread"))
+    edits = {"t10": lambda w: w.mul_(2), "t11": lambda w: w.mul_(2), "t30": lambda w: w.neg_()}
+    write_safetensors(src, tmp_path / "dst.safetensors", edits=edits)
+    item = 64 * 3 * 4
+    assert calls == [10 * item, 18 * item, 9 * item]  # t00-t09, t12-t29, t31-t39
+    with safe_open(tmp_path / "dst.safetensors", framework="pt") as f:
+        for name, t in tensors.items():
+            want = t * 2 if name in ("t10", "t11") else -t if name == "t30" else t
+            assert torch.equal(f.get_tensor(name), want), name

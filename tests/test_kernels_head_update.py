@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import soteria_kernels as sk
+from soteria_kernels._contract import has_internal_overlap
 from tests.kernel_utils import DTYPES, assert_bit_identical, assert_close_report
 
 
@@ -227,3 +228,61 @@ def test_strided_heads_and_scale_tensors(backend, fused):
         sel = _selected(weight, heads, 16, -1)
         assert_bit_identical(weight[~sel], before[~sel], what="unselected elements")
         assert_close_report(weight[sel], expected[sel], atol=tol[sel], what=f"selected ({given_heads}, {given_scale})")
+
+
+def _aliasing_cases():
+    w = torch.randn(16, 16)
+    return {
+        "itself": (w, w),
+        "transpose": (w, w.t()),
+        "overlapping slice": (w[:8], w[4:12]),
+        "shifted view": (w[:, :8], w[:, 4:12]),
+    }
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "steer"])
+@pytest.mark.parametrize("case", ["itself", "transpose", "overlapping slice", "shifted view"])
+def test_operand_aliasing_weight_is_rejected(backend, fused, case):
+    """tau / W_harmful sharing memory with the weight would be read after it is written: rejected."""
+    weight, other = _aliasing_cases()[case]
+    before = weight.clone()
+    fn = sk.masked_head_steer_ if fused else sk.masked_head_update_
+    name = "harmful" if fused else "delta"
+    with pytest.raises(ValueError, match=f"{name} shares memory with weight"):
+        fn(weight, other, [0, 1], head_dim=4, scale=0.5)
+    assert_bit_identical(weight, before)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "steer"])
+def test_internally_overlapping_weight_is_rejected(backend, fused):
+    """An expanded weight has many elements per memory location: both sides refuse to write it."""
+    base = torch.randn(8)
+    weight = base.expand(4, 8)
+    before = base.clone()
+    fn = sk.masked_head_steer_ if fused else sk.masked_head_update_
+    with pytest.raises(ValueError, match="weight has overlapping memory"):
+        fn(weight, torch.randn(4, 8), [1], head_dim=4, scale=0.5)
+    assert_bit_identical(base, before)
+
+
+def test_disjoint_views_of_one_buffer_are_accepted(backend):
+    """Weight and tau side by side in one buffer (a stacked tensor) do not overlap: allowed."""
+    buf = torch.randn(2, 8, 16)
+    weight, delta = buf[0], buf[1]
+    before = weight.clone()
+    expected = _oracle(before, delta, [1, 3], 4, [0.5, 0.5], -1, False)
+    sk.masked_head_update_(weight, delta, [1, 3], head_dim=4, scale=0.5)
+    sel = _selected(weight, [1, 3], 4, -1)
+    tol = _tolerance(before, delta, expected, _dense_scales(before, [1, 3], 4, [0.5, 0.5], -1), False)
+    assert_bit_identical(weight[~sel], before[~sel])
+    assert_close_report(weight[sel], expected[sel], atol=tol[sel])
+
+
+def test_internal_overlap_check_is_exact_for_views():
+    """Slices, transposes and permutes never trip the overlap check; expanded / as_strided ones do."""
+    w = torch.randn(6, 8, 10)
+    for view in (w, w[:, ::2], w.transpose(0, 2), w.permute(1, 2, 0)[1:, ::3], w[0, :, 3:], w[:, :1, :]):
+        assert not has_internal_overlap(view), tuple(view.stride())
+        assert torch._debug_has_internal_overlap(view) != 1
+    for view in (w[0, 0].expand(4, 10), torch.randn(40).as_strided((4, 8), (1, 1)), w.as_strided((5, 5), (4, 3))):
+        assert has_internal_overlap(view), tuple(view.stride())

@@ -210,8 +210,7 @@ def _builtin_tasks():
 
 def test_builtin_tasks_give_prompts_with_targets(tok):
     found = _builtin_tasks()
-    if not found:
-        pytest.skip("no built-in probe data installed yet")
+    assert found, "no shipped probe data found under soteria/data/probes (a packaging regression)"
     for lang, task in found:
         p = build_prompts(probes.load_task(lang, task), tok)  # reference defaults: 10 shots, 25 trials
         assert len(p) == 25 and not p.dropped, (lang, task)

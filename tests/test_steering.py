@@ -311,8 +311,8 @@ def test_heads_found_per_language_union(monkeypatch):
     from soteria.heads import find_heads
     from soteria.heads.probes import languages
 
-    if not {"en", "fr"} <= set(languages()):
-        pytest.skip("probe data for en/fr not installed")
+    # The probe data ships in the package: missing is a packaging regression, never a skip.
+    assert {"en", "fr"} <= set(languages()), f"shipped probe data lacks en/fr (has {languages()})"
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     tok = tiny_tokenizer()
     model = tiny_model("llama")

@@ -7,36 +7,48 @@ one-line message; ``SOTERIA_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from ..export import SoteriaHubError
 from ..models.pretrained import FetchError
 from ..version import __version__
-from . import apply, convert, demo, env, evaluate, heads, push, steer, tune
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: Each command's module, imported by name only when the parser needs it: ``soteria steer ...``
+#: imports the steer command alone, not the demo's, tune's or evaluation's dependencies.
+COMMANDS = {
+    **{name: f"soteria.cli.{name}" for name in ("heads", "steer", "apply", "push", "tune", "demo", "convert", "env")},
+    "eval": "soteria.cli.evaluate",
+}
 
 #: A user's mistake, a Hub refusal (bad token, missing repo) or a missing extra: one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ImportError,
                SoteriaHubError, FetchError)  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone (a name in :data:`COMMANDS`)."""
     parser = argparse.ArgumentParser(
         prog="soteria",
         description="Language-specific functional parameter steering for multilingual safety (arXiv 2502.11244).",
     )
     parser.add_argument("--version", action="version", version=f"soteria {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (heads, steer, apply, push, tune, demo, convert, env, evaluate):
-        command.add_parser(sub)
+    for name, module in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first argument (the top level has only --help and --version); anything
+    # else gets the full parser, whose usage and errors list every command.
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -13,7 +13,8 @@ Llama-70B o_proj is 8192 x 8192 bf16 = 128 MiB, so a 70B checkpoint is steered i
 1 GiB (``tests/test_streaming.py`` measures the peak in a subprocess).
 
 Output: the tensors are bit-identical to loading the model, applying the same edit in memory
-and saving it with :func:`soteria.save_steered`; when the base checkpoint was itself written by
+on the same kind of device (the eager CPU path rounds twice in fp32, the Triton kernel once,
+with an FMA) and saving it with :func:`soteria.save_steered`; when the base checkpoint was itself written by
 ``save_pretrained`` with the same ``max_shard_size``, whole shard files are byte-identical too.
 The output directory appears atomically (:func:`soteria.io.atomic.atomic_directory`); the source
 is opened read-only and never modified.

@@ -1,8 +1,9 @@
 """Reading a harmful fine-tune's output projections from its checkpoint: a folder, one file, the Hub, GGUF.
 
 Only file headers are read up front; each layer's tensor is read from its shard when first
-needed (:class:`LazyTensors`, through :mod:`soteria.io.safetensors`). From the Hub, only the
-config, the index and the shards that hold output projections are downloaded. The config and
+needed (:class:`LazyTensors`, through :mod:`soteria.io.safetensors`). From the Hub, the
+config, the index and the shards that hold output projections are downloaded (in real checkpoints
+every shard holds some, so that is every shard), and only the output projections are read. The config and
 every shape are checked against the base model before anything is read.
 """
 

@@ -12,8 +12,9 @@ kernel that fits it:
   checkpoint's safetensors, only the output projections, only when needed) and
   :meth:`from_models` (a copy of the harmful model's output projections).
 - ``kind="tau"``: an explicit direction ``tau`` (float32). apply calls
-  :func:`soteria_kernels.masked_head_update_` (``W -= scale * tau``) after casting ``tau`` to
-  the weight's dtype (one rounding of ``tau`` for bf16/fp16 models). Made by
+  :func:`soteria_kernels.masked_head_update_` (``W -= scale * tau``) with ``tau`` in float32
+  whatever the weight's dtype: the kernel computes in fp32 and rounds the weight once, so
+  ``tau`` is not rounded to a bf16/fp16 weight's precision first. Made by
   :meth:`from_gradients`.
 
 :meth:`save` / :meth:`load` keep the kind (safetensors, keyed by checkpoint parameter name,
@@ -267,7 +268,8 @@ class HarmVector:
         ``path_or_repo_id``: a checkpoint directory (``model.safetensors`` or sharded with
         ``model.safetensors.index.json``), one ``.safetensors`` file (a file written by
         :meth:`save` is loaded as such), or a Hub repo id. From the Hub only ``config.json``,
-        the index and the shards holding output projections are downloaded.
+        the index and the shards holding output projections are downloaded (in real checkpoints
+        every shard holds some, so that is every shard); of those, only the output projections are read.
 
         Reads only file headers now; each layer's tensor is read when first needed (and
         checked for NaN/Inf then). Checks ``model_type``, the architecture fields of

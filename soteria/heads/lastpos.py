@@ -36,16 +36,27 @@ from typing import Any
 import torch
 from torch import nn
 
-try:  # the layered cache of transformers >= 4.56 / 5
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-except ImportError:  # pragma: no cover - an older transformers: exact patching runs whole prompts
-    DynamicCache = DynamicLayer = DynamicSlidingWindowLayer = None
-
 from ..arch import unwrap_model
 
 __all__ = ["LastToken", "decoder_layers"]
 
-_LAYER_TYPES = (DynamicLayer, DynamicSlidingWindowLayer)
+
+@functools.lru_cache(maxsize=1)
+def _cache_types() -> tuple | None:
+    """``(DynamicCache, DynamicLayer, DynamicSlidingWindowLayer)``, the layered cache of transformers
+    >= 4.56 / 5, imported on first use (importing soteria does not import transformers); None for
+    an older transformers, where exact patching runs whole prompts."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # pragma: no cover
+        return None
+    return DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+
+def _sliding(layer) -> bool:
+    return isinstance(layer, _cache_types()[2])
+
+
 _ABSENT = object()
 
 
@@ -114,21 +125,22 @@ class LastToken:
         Each prefix runs alone (no padding, so no query row is fully masked: fp64 eager attention
         turns such rows into NaNs that would reach the cache), then the caches are padded on the
         left with zero keys and values, masked out, into one batch cache."""
-        if DynamicCache is None or layers is None or any(len(p) < 2 for p in prompts):
+        types = _cache_types()
+        if types is None or layers is None or any(len(p) < 2 for p in prompts):
             return None
         caches = []
         for p in prompts:
             ids = torch.tensor([p[:-1]], dtype=torch.long, device=device)
             cache = getattr(model(input_ids=ids, use_cache=True, **call_kwargs), "cache", None)
-            if not isinstance(cache, DynamicCache) or len(cache.layers) != len(layers):
+            if not isinstance(cache, types[0]) or len(cache.layers) != len(layers):
                 return None
-            if not all(type(c) in _LAYER_TYPES and c.is_initialized for c in cache.layers):
+            if not all(type(c) in types[1:] and c.is_initialized for c in cache.layers):
                 return None
             caches.append(cache)
         P = max(len(p) - 1 for p in prompts)
         snapshot = []
         for j, c in enumerate(caches[0].layers):
-            sliding = isinstance(c, DynamicSlidingWindowLayer)
+            sliding = _sliding(c)
             width = min(P, c.sliding_window - 1) if sliding else P  # slots a layer keeps
             parts = [(cache.layers[j].keys, cache.layers[j].values) for cache in caches]
             keys, values = (torch.cat([_left_pad(t[i], width) for t in parts], 0) for i in (0, 1))
@@ -161,7 +173,7 @@ class LastToken:
         dtype = self.snapshot[0][0].dtype
         masks = {}
         for c, (k, _, _) in zip(self.cache.layers, self.snapshot):
-            kind = "sliding_attention" if isinstance(c, DynamicSlidingWindowLayer) else "full_attention"
+            kind = "sliding_attention" if _sliding(c) else "full_attention"
             kept = k.shape[-2]
             if kind in masks:
                 if masks[kind].shape[-1] != kept + reps:

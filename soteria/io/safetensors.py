@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import reprlib
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -78,6 +79,30 @@ def _numel(shape) -> int:
     return n
 
 
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path: Path, name: str, info) -> None:
+    """One tensor's header entry, checked before anything reads it: ValueError names the tensor
+    (values shown abridged: a crafted header may hold huge ones)."""
+    where, short = f"{path}: tensor {name!r}", reprlib.repr
+    if not isinstance(info, dict):
+        raise ValueError(f"{where} has header entry {short(info)}; expected an object with dtype, shape, data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise ValueError(f"{where} has a header entry without {', '.join(missing)}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise ValueError(f"{where} has unknown dtype {short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_index(s) for s in shape):
+        raise ValueError(f"{where} has shape {short(shape)}; expected a list of non-negative ints")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_index, offsets)) and offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"{where} has data_offsets {short(offsets)}; expected ints [begin, end], 0 <= begin <= end")
+
+
 def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     """Parse and validate a safetensors header (no tensor data is read). ValueError names the defect."""
     path = Path(path)
@@ -98,15 +123,13 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsFile:
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise ValueError(f"{path}: __metadata__ must map str to str")
+    for name, info in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, info)
     sf = SafetensorsFile(path, header, 8 + n)
     end = 0
     for name, info in sf.tensors():
-        try:
-            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if dtype not in _ITEMSIZE:
-            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
         if a != end or b - a != _numel(shape) * _ITEMSIZE[dtype]:
             raise ValueError(f"{path}: tensor {name!r} has data_offsets {[a, b]} inconsistent with its layout")
         end = b
