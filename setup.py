@@ -18,7 +18,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["soteria", "soteria.*", "soteria_kernels", "soteria_kernels.*"]),
-    package_data={"soteria": ["data/**/*.json", "data/**/*.jsonl"]},
+    package_data={"soteria": ["data/**/*.json", "data/**/*.jsonl", "data/**/*.txt"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

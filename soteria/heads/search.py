@@ -32,6 +32,7 @@ from .distributed import all_gather_object, broadcast_object, resolve
 from .probes import resolve_tasks
 from .prompts import bos_prefix, build_prompts, check_bos, encode_batch, prompt_settings
 from .scores import HeadScores, resolve_k
+from .text import check_text_args, text_head_scores
 
 __all__ = ["AUTO_JACCARD", "AUTO_MAX_TRIALS", "AUTO_STEP", "find_heads", "find_heads_multi"]
 
@@ -171,8 +172,17 @@ def find_heads(
     distributed: bool | None = None,
     stop_k: int | float | None = None,
     bos: str = "reference",
+    source: str = "probes",
+    text: Any = None,
+    max_sentences: int | None = None,
 ) -> HeadScores:
     """Score every head of ``model`` by its average indirect effect on ``lang``'s probe tasks.
+
+    With ``source="text"`` it scores them from plain text in the language instead (no probe
+    tasks needed): attribution of each head on the language-modelling loss of ``text`` (None:
+    the built-in sentences; a .txt/.jsonl file; a list of strings), at most ``max_sentences``
+    of them; ``method`` is then ``"atp"`` (against the head's mean output) or ``"grad_x_act"``.
+    See :func:`soteria.heads.text.text_head_scores`.
 
     Args:
         lang: a built-in language code (:func:`soteria.heads.probes.languages`), or any other code
@@ -200,11 +210,20 @@ def find_heads(
         distributed: None (default) shards the prompts over the ``torch.distributed`` process
             group when one is initialised; False ignores it; True requires it. Every rank gets
             the same scores; only rank 0 reads and writes the cache and shows the bar.
+        source: ``"probes"`` (default) or ``"text"`` (above).
 
     Returns:
         :class:`HeadScores` with float32 ``[L, H]`` scores (mean over trials, then over tasks)
         and ``per_task`` scores.
     """
+    if source == "text":
+        check_text_args(tasks, n_shots, n_trials, stop_k, distributed, bos)
+        return text_head_scores(model, tokenizer, lang, text=text, method=method, max_sentences=max_sentences,
+                                batch_size=batch_size, cache=cache, progress=progress)  # fmt: skip
+    if source != "probes":
+        raise ValueError(f"source must be 'probes' or 'text', got {source!r}")
+    if text is not None or max_sentences is not None:
+        raise ValueError("text= and max_sentences= need source='text'")
     return find_heads_multi(
         model,
         tokenizer,
