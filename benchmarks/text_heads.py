@@ -1,28 +1,30 @@
 """Heads from plain text vs heads from probe tasks; the fused kernel on the text scorer's real tensors.
 
     python -m benchmarks.text_heads                       # Qwen2.5-Coder-0.5B-Instruct, es fr de
-    python -m benchmarks.text_heads --langs fr --probe-timing 0 --steer 0
+    python -m benchmarks.text_heads --text-method atp grad_x_act --probe-timing 0
+    python -m benchmarks.text_heads --steer 1             # also steer with each head source
 
-1. Agreement, per language: ``find_heads(model, tok, lang, source="text")`` (the built-in
-   sentences) against the probe ranking ``find_heads(model, tok, lang, stop_k=0.2)`` (the cached
-   25-trial "auto" run soteria.tune uses; ``--probe-trials 5`` for a cheaper one): Jaccard and
-   overlap (|A & B| / k) of the top-k sets at ``--ks``, Spearman over all heads; for context, the
-   same numbers for the probe ranking at 5 trials against 25 (the probe scorer's own noise), the
-   text heads of this language against the probe heads of the others (is the agreement
-   language-specific?) and what two random k-sets share (k / (2N - k)).
+1. Agreement, per language: ``find_heads(model, tok, lang, source="text", method=...)`` (the
+   built-in sentences) against the probe ranking ``find_heads(model, tok, lang, stop_k=0.2)`` (the
+   cached 25-trial "auto" run soteria.tune uses; ``--probe-trials 5`` for a cheaper one): Jaccard
+   and overlap (|A & B| / k) of the top-k sets at ``--ks``, Spearman over all heads. For context:
+   the probe ranking at 5 trials against 25 (the probe scorer's own noise), the text heads of
+   this language against the probe and text heads of the others (is the agreement
+   language-specific?), the text scores less the other languages' mean text scores, and what two
+   random k-sets share (k / (2N - k)).
 2. The kernel: every layer's ``[B*T, H*D]`` activations and gradients of the scorer's first
    (longest) batch are recorded and fed to ``soteria_kernels.head_attribution(...,
    baseline=mean, sum_rows=True)`` (Triton; the interpreter on a CPU: correctness only) and to
-   the eager reference; both against float64, also cast to bf16. Timed: the eager reference
-   (median of ``--reps``), and on a GPU the kernel with ``triton.testing.do_bench`` and its
-   bandwidth. The text scorer's wall time (eager attribution on a CPU) beside the probe scorer's,
-   uncached, at ``--probe-timing`` trials per task (0: skip).
+   the eager reference, both against float64, as recorded and cast to bf16. Timed: the eager
+   reference (median of ``--reps``; one thread on a CPU), and on a GPU the kernel with
+   ``triton.testing.do_bench`` and its bandwidth. The text scorer's wall time (eager attribution
+   on a CPU) beside the probe scorer's, uncached, at ``--probe-timing`` trials per task (0: skip).
 3. ``--steer 1``: soteria's defaults (top_k=0.2, relative scale 0.004, the gradient harm
    direction) with text heads vs probe heads, measured by the tuner's proxy
    (:class:`soteria.tune.proxy.RefusalProxy` on the tuning split): harmfulness, over-refusal, KL.
 
-Appends to ``benchmarks/results/text_heads.csv`` (and ``text_heads_kernel.csv``), settings and
-load average beside every row.
+Appends to ``benchmarks/results/text_heads.csv``, ``text_heads_kernel.csv`` and
+``text_heads_steer.csv``, settings and load average beside every row.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from soteria import SoteriaPatcher  # noqa: E402
 from soteria.arch import head_sites  # noqa: E402
 from soteria.defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K  # noqa: E402
 from soteria.harm import HarmVector  # noqa: E402
-from soteria.heads import find_heads  # noqa: E402
+from soteria.heads import HeadScores, find_heads  # noqa: E402
 from soteria.models.pretrained import load_pretrained  # noqa: E402
 from soteria.tune.proxy import RefusalProxy  # noqa: E402
 from soteria.tune.study import splits  # noqa: E402
@@ -131,17 +133,22 @@ def kernel_rows(calls, H: int, reps: int) -> list[dict]:
             t_e = triton.testing.do_bench(eager) / 1e3
             with _backend("triton"):
                 t_k = triton.testing.do_bench(kernel) / 1e3
-        else:
-            eager()  # warm-up
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                eager()
-                times.append(time.perf_counter() - t0)
+        else:  # one thread: on a shared machine two contend with other processes and time their waits
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                eager()  # warm-up
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    eager()
+                    times.append(time.perf_counter() - t0)
+            finally:
+                torch.set_num_threads(threads)
             t_e, t_k = statistics.median(times), float("nan")
         rows.append(dict(dtype=str(dtype).replace("torch.", ""), layers=len(cast), rows=R, width=W, heads=H,
                          kernel_max_rel_err=f"{max(errs_k):.2e}", eager_max_rel_err=f"{max(errs_e):.2e}",
-                         eager_ms=round(t_e * 1e3, 3), kernel_ms=round(t_k * 1e3, 3) if gpu else "n/a (interpreter)",
+                         eager_ms=round(t_e * 1e3, 3), eager_threads=torch.get_num_threads() if gpu else 1, kernel_ms=round(t_k * 1e3, 3) if gpu else "n/a (interpreter)",
                          speedup=round(t_e / t_k, 2) if gpu else "awaits a GPU",
                          kernel_GBps=round(nbytes / t_k / 1e9, 1) if gpu else "", bytes=nbytes))  # fmt: skip
     return rows
@@ -154,6 +161,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ks", nargs="+", type=int, default=[16, 32, 67])
     ap.add_argument("--max-sentences", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--text-method", nargs="+", default=["atp"], choices=["atp", "grad_x_act"])
     ap.add_argument("--probe-trials", default="auto", help="'auto' (cached; stop_k=0.2 as soteria.tune) or an int")
     ap.add_argument(
         "--probe-timing", type=int, default=5, help="trials per task for the uncached probe timing (0: skip)"
@@ -172,36 +180,44 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()[0]
     trials = args.probe_trials if args.probe_trials == "auto" else int(args.probe_trials)
 
-    probe, probe5, text, t_text, calls = {}, {}, {}, {}, []
+    probe, probe5, texts, t_text, calls = {}, {}, {}, {}, []
     for lang in args.langs:
         probe[lang] = find_heads(model, tok, lang, n_trials=trials, stop_k=0.2, progress=False)
         probe5[lang] = find_heads(model, tok, lang, n_trials=5, progress=False)
-        with _backend(None if gpu else "eager"), _recording(L if not calls else 0, calls):
-            t0 = time.perf_counter()
-            text[lang] = find_heads(model, tok, lang, source="text", max_sentences=args.max_sentences,
-                                    batch_size=args.batch_size, cache=False, progress=False)  # fmt: skip
-            t_text[lang] = time.perf_counter() - t0
+        for method in args.text_method:
+            with _backend(None if gpu else "eager"), _recording(L if not calls else 0, calls):
+                t0 = time.perf_counter()
+                texts[method, lang] = find_heads(model, tok, lang, source="text", method=method,
+                                                 max_sentences=args.max_sentences, batch_size=args.batch_size,
+                                                 cache=False, progress=False)  # fmt: skip
+                t_text[method, lang] = time.perf_counter() - t0
+    first = args.text_method[0]
+    text = {lang: texts[first, lang] for lang in args.langs}  # for the kernel check and the steering
     s = text[args.langs[0]].settings
     settings = dict(model=args.model, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), L=L, H=H,
-                    probe_trials=str(trials), text_sentences=s["n_sentences"], text_method=text[args.langs[0]].method,
+                    probe_trials=str(trials), text_sentences=s["n_sentences"],
                     batch_size=args.batch_size or "default", threads=torch.get_num_threads(), load_start=round(load0, 2),
                     **prov)  # fmt: skip
 
     rows = []
     for lang in args.langs:
-        tset = text[lang].settings
-        base = dict(lang=lang, tokens=tset["n_tokens"], text_s=round(t_text[lang], 1))
-        rows.append(dict(base, compare="text vs probe", **agreement(text[lang], probe[lang], args.ks)))
-        rows.append(dict(base, compare="probe@5 vs probe", **agreement(probe5[lang], probe[lang], args.ks)))
-        for other in args.langs:
-            if other != lang:
-                rows.append(
-                    dict(base, compare=f"text vs probe[{other}]", **agreement(text[lang], probe[other], args.ks))
-                )
-        if lang != args.langs[0]:
-            rows.append(dict(base, compare=f"text vs text[{args.langs[0]}]",
-                             **agreement(text[lang], text[args.langs[0]], args.ks)))  # fmt: skip
-    rows.append(dict(lang="-", compare="random k-sets (expected)",
+        others = [x for x in args.langs if x != lang]
+        rows.append(dict(lang=lang, method="-", compare="probe@5 vs probe",
+                         **agreement(probe5[lang], probe[lang], args.ks)))  # fmt: skip
+        for method in args.text_method:
+            t = texts[method, lang]
+            base = dict(lang=lang, method=method, tokens=t.settings["n_tokens"], text_s=round(t_text[method, lang], 1))
+            rows.append(dict(base, compare="text vs probe", **agreement(t, probe[lang], args.ks)))
+            for other in others:
+                rows.append(dict(base, compare=f"text vs probe[{other}]", **agreement(t, probe[other], args.ks)))
+                rows.append(dict(base, compare=f"text vs text[{other}]",
+                                 **agreement(t, texts[method, other], args.ks)))  # fmt: skip
+            if others:  # what is left of the text scores once the other languages' mean is taken out
+                rest = torch.stack([texts[method, x].scores for x in others]).mean(0)
+                contrast = HeadScores(scores=t.scores - rest, lang=lang)
+                rows.append(dict(base, compare="text - mean(other texts) vs probe",
+                                 **agreement(contrast, probe[lang], args.ks)))  # fmt: skip
+    rows.append(dict(lang="-", method="-", compare="random k-sets (expected)",
                      **{f"jaccard@{k}": round(k / (2 * N - k), 3) for k in args.ks},
                      **{f"overlap@{k}": round(k / N, 3) for k in args.ks}))  # fmt: skip
 
@@ -211,12 +227,13 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         p = find_heads(model, tok, lang, n_trials=args.probe_timing, cache=False, progress=False)
         timing = dict(probe_lang=lang, probe_uncached_s=round(time.perf_counter() - t0, 1),
-                      probe_trials_timed=sum(p.settings["trials"].values()), text_s=round(t_text[lang], 1))  # fmt: skip
+                      probe_trials_timed=sum(p.settings["trials"].values()),
+                      text_s=round(t_text[first, lang], 1))  # fmt: skip
 
     krows = kernel_rows(calls, H, args.reps)
     settings["load_end"] = round(os.getloadavg()[0], 2)
 
-    cols = ["lang", "compare", *[f"{m}@{k}" for k in args.ks for m in ("jaccard", "overlap")], "spearman"]
+    cols = ["lang", "method", "compare", *[f"{m}@{k}" for k in args.ks for m in ("jaccard", "overlap")], "spearman"]
     print_table(rows, [*cols, "tokens", "text_s"])
     print()
     print_table(krows)
