@@ -146,7 +146,7 @@ def kernel_rows(calls, H: int, reps: int) -> list[dict]:
             finally:
                 torch.set_num_threads(threads)
             t_e, t_k = statistics.median(times), float("nan")
-        rows.append(dict(dtype=str(dtype).replace("torch.", ""), layers=len(cast), rows=R, width=W, heads=H,
+        rows.append(dict(input_dtype=str(dtype).replace("torch.", ""), layers=len(cast), rows=R, width=W, heads=H,
                          kernel_max_rel_err=f"{max(errs_k):.2e}", eager_max_rel_err=f"{max(errs_e):.2e}",
                          eager_ms=round(t_e * 1e3, 3), eager_threads=torch.get_num_threads() if gpu else 1, kernel_ms=round(t_k * 1e3, 3) if gpu else "n/a (interpreter)",
                          speedup=round(t_e / t_k, 2) if gpu else "awaits a GPU",
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
         p = find_heads(model, tok, lang, n_trials=args.probe_timing, cache=False, progress=False)
         timing = dict(probe_lang=lang, probe_uncached_s=round(time.perf_counter() - t0, 1),
                       probe_trials_timed=sum(p.settings["trials"].values()),
-                      text_s=round(t_text[first, lang], 1))  # fmt: skip
+                      probe_lang_text_s=round(t_text[first, lang], 1))  # fmt: skip
 
     krows = kernel_rows(calls, H, args.reps)
     settings["load_end"] = round(os.getloadavg()[0], 2)
