@@ -139,6 +139,7 @@ def _no_model_work(model):
         (dict(max_sentences=0), "max_sentences"),
         (dict(tasks=["antonym"]), "source='probes' only"),
         (dict(n_trials=5), "source='probes' only"),
+        (dict(bos="none"), "source='probes' only"),
         (dict(source="wiki"), "source must be"),
         (dict(source="probes", text=["x y"]), "need source='text'"),
         (dict(text=["a b\nc"], lang="en"), None),  # a list entry may hold a newline: fine
