@@ -221,7 +221,7 @@ def main(argv=None) -> None:
                      **{f"jaccard@{k}": round(k / (2 * N - k), 3) for k in args.ks},
                      **{f"overlap@{k}": round(k / N, 3) for k in args.ks}))  # fmt: skip
 
-    timing = {}
+    timing = dict.fromkeys(("probe_lang", "probe_uncached_s", "probe_trials_timed", "probe_lang_text_s"), "")
     if args.probe_timing:
         lang = args.langs[0]
         t0 = time.perf_counter()
