@@ -364,7 +364,7 @@ def _steer(model: nn.Module, request: SoteriaConfig, harm, tokenizer, progress: 
         harm_options=request.harm_options,
         model_type=str(getattr(getattr(inner, "config", None), "model_type", "") or ""),
     )
-    if isinstance(request.scale, dict):  # scales the user gave (calibrated ones differ by design)
+    if isinstance(request.scale, dict) and not request.is_resolved:  # scales given now, not calibrated or replayed
         warn_shared(config)
     plan = layer_plan(config)
     overlays: list[tuple[dict, str, torch.Tensor | None]] = []
