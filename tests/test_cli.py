@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from soteria.cli import main
 from soteria.cli.main import COMMANDS, build_parser
@@ -283,3 +284,20 @@ def test_every_command_is_listed_and_reachable(capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "invalid choice: 'bogus'" in err
     assert all(repr(name) in err for name in COMMANDS)
+
+
+def test_steer_config_of_a_saved_model_repeats_it_without_harm(tmp_path, capsys):
+    """A steered model's soteria_config.json names its harm source; --config reads it again."""
+    from safetensors.torch import load_file
+
+    from soteria.models.tiny import tiny_model
+
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "harmful")
+    first = ["steer", "tiny:llama", "--langs", "hi", "--heads", "0:1,1:2", "--harm", str(tmp_path / "harmful"),
+             "--scale", "0.5", "--force", "--out", str(tmp_path / "a")]  # fmt: skip
+    assert main(first) == 0
+    again = ["steer", "tiny:llama", "--config", str(tmp_path / "a" / "soteria_config.json"), "--force",
+             "--out", str(tmp_path / "b")]  # fmt: skip
+    assert main(again) == 0, capsys.readouterr().err
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

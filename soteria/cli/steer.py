@@ -40,7 +40,7 @@ def _config_arg(args):
         raise ValueError(f"--langs {' '.join(args.langs)} differ from the config's languages {config.languages}")
     if args.harm is not None:
         harm = harm_arg(args.harm)
-    if harm is None and args.streaming:  # in memory, apply reads the config's harm_source again
+    if harm is None and args.streaming and config.harm_source:  # in memory, apply reads it again
         harm = harm_arg(harm_path(config.harm_source))
     return config, harm
 
