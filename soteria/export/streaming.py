@@ -186,11 +186,11 @@ def _prepare(base_dir, out_dir, heads, harm, scale, langs, patch, overwrite, tru
         raise ValueError(f"cannot steer {base}:\n  - " + "\n  - ".join(problems))
     if patch is not None:
         _check_fingerprints(patch, shards, edits, base)
-    elif isinstance(harm, (str, os.PathLike)):
-        harm = HarmVector.from_pretrained(harm, base=model)
-    elif not isinstance(harm, HarmVector):
-        raise ValueError(f"harm must be a HarmVector or a harmful checkpoint's path, got {type(harm).__name__}")
-    if patch is None:
+    else:
+        if isinstance(harm, (str, os.PathLike)):
+            harm = HarmVector.from_pretrained(harm, base=model)
+        elif not isinstance(harm, HarmVector):
+            raise ValueError(f"harm must be a HarmVector or a harmful checkpoint's path, got {type(harm).__name__}")
         harm.check(model, layers=sorted(plan))
         if auto and harm.kind == "tau":
             raise ValueError(
