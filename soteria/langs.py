@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["LANG_CODE", "PAPER_ORDER", "in_paper_order", "lang_list"]
+__all__ = ["LANG_CODE", "PAPER_ORDER", "in_paper_order", "lang_list", "shipped_codes"]
 
 #: The twelve languages of the paper, in its order (high, mid, low resource).
 PAPER_ORDER: tuple[str, ...] = ("en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te")
@@ -19,6 +19,15 @@ def in_paper_order(codes: Iterable[str]) -> tuple[str, ...]:
     codes = set(codes)
     known = [c for c in PAPER_ORDER if c in codes]
     return tuple(known + sorted(codes - set(known)))
+
+
+def shipped_codes(folder: Any, suffix: str) -> tuple[str, ...]:
+    """Language codes of the ``<code><suffix>`` files in a data folder (a path or an
+    ``importlib.resources`` traversable), in the paper's order; () when the folder is missing."""
+    if not folder.is_dir():
+        return ()
+    names = (p.name for p in folder.iterdir() if p.name.endswith(suffix) and p.is_file())
+    return in_paper_order(name[: -len(suffix)] for name in names)
 
 
 def lang_list(langs: Any) -> list[str]:

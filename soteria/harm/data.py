@@ -12,13 +12,13 @@ each with a natural refusal in the same language. One JSON object a line:
 from __future__ import annotations
 
 import functools
-import json
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..langs import in_paper_order
+from ..io.jsonl import json_lines
+from ..langs import shipped_codes
 
 __all__ = ["harmful_languages", "load_harmful", "load_harmless", "read_harmful"]
 
@@ -31,11 +31,7 @@ def _data_dir():
 
 @functools.lru_cache(maxsize=1)
 def _shipped() -> tuple[str, ...]:
-    folder = _data_dir()
-    if not folder.is_dir():
-        return ()
-    codes = {p.name[: -len(".jsonl")] for p in folder.iterdir() if p.name.endswith(".jsonl")}
-    return in_paper_order(codes)
+    return shipped_codes(_data_dir(), ".jsonl")
 
 
 def harmful_languages() -> list[str]:
@@ -44,15 +40,7 @@ def harmful_languages() -> list[str]:
 
 
 def _parse(lines, where: str, lang: str | None) -> list[dict[str, str]]:
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{i}: not valid JSON ({e.msg})") from None
-        rows.append(_check_row(row, f"{where}:{i}", lang))
+    rows = [_check_row(row, f"{where}:{i}", lang) for i, row in json_lines(lines, where)]
     if not rows:
         raise ValueError(f"{where}: no rows")
     return rows
@@ -102,12 +90,10 @@ def _read_harmless(lang: str) -> tuple[str, ...]:
     if not path.is_file():
         raise ValueError(f"no built-in harmless requests for {lang!r}; pass your own contrast=[...] prompts")
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise ValueError(f"{where}:{i}: expected {{'prompt': non-empty string}}")
-            out.append(row["prompt"])
+    for i, row in json_lines(path.read_text(encoding="utf-8").splitlines(), where):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{where}:{i}: expected {{'prompt': non-empty string}}")
+        out.append(row["prompt"])
     return tuple(out)
 
 

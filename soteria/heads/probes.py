@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..langs import PAPER_ORDER, in_paper_order
+from ..langs import PAPER_ORDER, shipped_codes
 
 __all__ = [
     "GROUPS",
@@ -69,11 +69,7 @@ def _probe_dir():
 @functools.lru_cache(maxsize=1)
 def _shipped() -> tuple[str, ...]:
     """Language codes with a data file, paper order first, then any others alphabetically."""
-    folder = _probe_dir()
-    if not folder.is_dir():
-        return ()
-    codes = {p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json") and p.is_file()}
-    return in_paper_order(codes)
+    return shipped_codes(_probe_dir(), ".json")
 
 
 def languages() -> list[str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -46,7 +45,8 @@ from torch import nn
 import soteria_kernels
 
 from ..arch import unwrap_model
-from ..langs import in_paper_order, lang_list
+from ..io.jsonl import json_lines
+from ..langs import lang_list, shipped_codes
 from ..models.state import frozen_eval, input_device
 from ..progress import progress_bar
 from ..version import __version__
@@ -83,10 +83,7 @@ def _text_dir():
 
 @functools.lru_cache(maxsize=1)
 def _shipped() -> tuple[str, ...]:
-    folder = _text_dir()
-    if not folder.is_dir():
-        return ()
-    return in_paper_order(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".txt") and p.is_file())
+    return shipped_codes(_text_dir(), ".txt")
 
 
 def text_languages() -> list[str]:
@@ -105,13 +102,7 @@ def _read_file(path: Path) -> list[str]:
     if path.suffix != ".jsonl":
         return _lines(raw)
     out = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    for n, row in json_lines(raw.splitlines(), str(path)):
         row = row.get("text") if isinstance(row, dict) else row
         if not isinstance(row, str):
             raise ValueError(f'{path}:{n}: expected a JSON string or an object with a "text" string')
