@@ -50,6 +50,54 @@ def test_heads_writes_scores_and_heatmaps(tmp_path, capsys):
         assert f"{lang}: top heads" in out
 
 
+def test_heads_from_plain_text(tmp_path, capsys):
+    fr = tmp_path / "fr.txt"
+    fr.write_text("Le chat dort au soleil.\nIl pleut depuis ce matin.\nNous marchons vers le vieux pont.\n")
+    out_dir = tmp_path / "heads"
+    code, out, err = _run(
+        capsys, "heads", "tiny:llama", "--langs", "en", "fr", "--source", "text", "--text", f"fr={fr}",
+        "--max-sentences", "3", "--top-k", "3", "--out", str(out_dir),
+    )  # fmt: skip
+    assert code == 0, err
+    for lang, where in (("en", "built-in:en"), ("fr", "file:fr.txt")):
+        data = json.loads((out_dir / f"heads_{lang}.json").read_text())
+        assert data["settings"]["source"] == "text" and data["settings"]["text"] == where
+        assert data["settings"]["n_sentences"] == 3 and f"{lang}: top heads" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--source", "text", "--text", "{tmp}/fr.txt"], "for 2 languages give LANG=FILE"),
+        (["--source", "text", "--text", "fr:{tmp}/fr.txt", "en={tmp}/fr.txt"], "bad --text entry"),
+        (["--source", "text", "--text", "de={tmp}/fr.txt"], "text names de"),
+        (["--source", "text", "--text", "fr={tmp}/none.txt"], "text file not found"),
+        (["--source", "text", "--n-shots", "3"], "n_shots apply to source='probes' only"),
+        (["--source", "text", "--method", "exact"], "for text scores"),
+        (["--text", "fr={tmp}/fr.txt"], "need --source text"),
+        (["--max-sentences", "3"], "need --source text"),
+    ],
+)
+def test_heads_text_errors_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
+    import soteria.cli.heads
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(soteria.cli.heads, "load_model", refuse)
+    (tmp_path / "fr.txt").write_text("Le chat dort.\n")
+    argv = ["heads", "tiny:llama", "--langs", "en", "fr", *extra, "--out", str(tmp_path / "h")]
+    code, _, err = _run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_heads_source_is_a_choice(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["heads", "tiny:llama", "--langs", "hi", "--source", "wiki"])
+    assert info.value.code == 2 and "invalid choice: 'wiki'" in capsys.readouterr().err
+
+
 def test_steer_in_memory_with_explicit_heads(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

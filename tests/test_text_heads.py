@@ -14,7 +14,7 @@ import torch
 
 import soteria_kernels
 from soteria.arch import head_sites
-from soteria.heads import find_heads, text_head_scores, text_languages
+from soteria.heads import find_heads, find_heads_multi, text_head_scores, text_languages
 from soteria.heads.text import load_text
 from soteria.langs import PAPER_ORDER
 from soteria.models.tiny import tiny_model, tiny_tokenizer
@@ -156,6 +156,47 @@ def test_bad_input_fails_before_model_work(kwargs, match, tok):
     with pytest.raises(ValueError, match=match) as info:
         find_heads(model, tok, lang, cache=False, progress=False, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_multi_takes_text_per_language(tok):
+    """find_heads_multi(source="text"): each language as find_heads scores it alone; text= one or {lang: text}."""
+    model = tiny_model("llama")
+    kw = dict(source="text", max_sentences=4, batch_size=2, cache=False, progress=False)
+    got = find_heads_multi(model, tok, ["en", "fr"], text={"fr": SENTENCES}, **kw)
+    assert list(got) == ["en", "fr"]
+    assert got["en"].settings["text"] == "built-in:en" and got["fr"].settings["text"] == "list"
+    assert got["fr"].settings["source"] == "text" and got["fr"].settings["n_sentences"] == 4
+    for lang, text in (("en", None), ("fr", SENTENCES)):
+        alone = find_heads(model, tok, lang, text=text, **kw)
+        assert torch.equal(got[lang].scores, alone.scores) and got[lang].settings == alone.settings
+    one = find_heads_multi(model, tok, ["fr"], text=SENTENCES, **kw)["fr"]
+    assert torch.equal(one.scores, got["fr"].scores)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(text=SENTENCES), "one language's sentences"),
+        (dict(text={"de": SENTENCES}), "text names de"),
+        (dict(text={"fr": []}), "the text for 'fr'"),  # the second language's text is checked before the first runs
+        (dict(text={"fr": SENTENCES}, max_sentences=0), "max_sentences"),
+        (dict(method="exact"), "method must be one of"),
+        (dict(tasks_by_lang={"en": ["antonym"]}), "tasks_by_lang apply to source='probes' only"),
+        (dict(source="probes", text={"fr": SENTENCES}), "need source='text'"),
+        (dict(text={"fr": SENTENCES}, source="wiki"), "source must be"),
+    ],
+)
+def test_multi_bad_text_input_fails_before_model_work(kwargs, match, tok):
+    model = _no_model_work(tiny_model("llama"))
+    kwargs = {"source": "text", **kwargs}
+    with pytest.raises(ValueError, match=match) as info:
+        find_heads_multi(model, tok, ["en", "fr"], cache=False, progress=False, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_a_dict_is_not_a_list_of_sentences():
+    with pytest.raises(ValueError, match="got dict"):
+        load_text("en", {"en": SENTENCES})
 
 
 def test_missing_file(tok, tmp_path):

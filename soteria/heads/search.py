@@ -32,7 +32,7 @@ from .distributed import all_gather_object, broadcast_object, resolve
 from .probes import resolve_tasks
 from .prompts import bos_prefix, build_prompts, check_bos, encode_batch, prompt_settings
 from .scores import HeadScores, resolve_k
-from .text import check_text_args, text_head_scores
+from .text import check_text_args, text_head_scores, text_sources
 
 __all__ = ["AUTO_JACCARD", "AUTO_MAX_TRIALS", "AUTO_STEP", "find_heads", "find_heads_multi"]
 
@@ -216,14 +216,6 @@ def find_heads(
         :class:`HeadScores` with float32 ``[L, H]`` scores (mean over trials, then over tasks)
         and ``per_task`` scores.
     """
-    if source == "text":
-        check_text_args(tasks, n_shots, n_trials, stop_k, distributed, bos)
-        return text_head_scores(model, tokenizer, lang, text=text, method=method, max_sentences=max_sentences,
-                                batch_size=batch_size, cache=cache, progress=progress)  # fmt: skip
-    if source != "probes":
-        raise ValueError(f"source must be 'probes' or 'text', got {source!r}")
-    if text is not None or max_sentences is not None:
-        raise ValueError("text= and max_sentences= need source='text'")
     return find_heads_multi(
         model,
         tokenizer,
@@ -239,6 +231,9 @@ def find_heads(
         distributed=distributed,
         stop_k=stop_k,
         bos=bos,
+        source=source,
+        text=text,
+        max_sentences=max_sentences,
     )[lang]
 
 
@@ -259,6 +254,9 @@ def find_heads_multi(
     distributed: bool | None = None,
     stop_k: int | float | None = None,
     bos: str = "reference",
+    source: str = "probes",
+    text: Any = None,
+    max_sentences: int | None = None,
 ) -> dict[str, HeadScores]:
     """:func:`find_heads` for several languages at once: ``{lang: HeadScores}`` in ``langs`` order.
 
@@ -272,8 +270,22 @@ def find_heads_multi(
 
     ``tasks`` applies to every language; ``tasks_by_lang`` (``{lang: tasks}``) overrides it per
     language (e.g. your own data for some of them). Other arguments: see :func:`find_heads`.
-    """
 
+    ``source="text"`` scores each language from plain text (:func:`find_heads`), one language
+    after another; ``text`` is then None (every language's built-in sentences), one language's
+    text (with one language only) or ``{lang: text}`` (the languages it leaves out: built-in).
+    Every language's text is read and checked before the model runs.
+    """
+    if source == "text":
+        check_text_args(tasks, n_shots, n_trials, stop_k, distributed, bos, tasks_by_lang)
+        sources = text_sources(lang_list(langs), text, max_sentences, method)
+        return {lang: text_head_scores(model, tokenizer, lang, text=t, method=method, max_sentences=max_sentences,
+                                       batch_size=batch_size, cache=cache, progress=progress)
+                for lang, t in sources.items()}  # fmt: skip
+    if source != "probes":
+        raise ValueError(f"source must be 'probes' or 'text', got {source!r}")
+    if text is not None or max_sentences is not None:
+        raise ValueError("text= and max_sentences= need source='text'")
     if method not in attribution.METHODS:
         raise ValueError(f"method must be one of {attribution.METHODS}, got {method!r}")
     check_bos(bos)

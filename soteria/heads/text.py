@@ -63,6 +63,7 @@ __all__ = [
     "load_text",
     "text_head_scores",
     "text_languages",
+    "text_sources",
 ]
 
 TEXT_METHODS = ("atp", "grad_x_act")  # baseline: the head's mean output over the text, or zero
@@ -135,6 +136,8 @@ def load_text(lang: str, text: Any = None, *, max_sentences: int | None = None) 
             raise ValueError("text= as a str is a file path; pass sentences as a list of strings")
         sentences, where = _read_file(path), f"file:{path.name}"
     else:
+        if isinstance(text, dict):  # its keys would pass for sentences
+            raise ValueError("text must be None, a file path or a list of strings, got dict")
         try:
             rows = list(text)
         except TypeError:
@@ -348,13 +351,34 @@ def text_head_scores(
     return result
 
 
-def check_text_args(tasks: Any, n_shots: int, n_trials: Any, stop_k: Any, distributed: Any, bos: Any) -> None:
+def check_text_args(tasks: Any, n_shots: int, n_trials: Any, stop_k: Any, distributed: Any, bos: Any,
+                    tasks_by_lang: Any = None) -> None:  # fmt: skip
     """ValueError when a probe-only argument of :func:`find_heads` is given with ``source="text"``
     (the sentences are tokenised with the tokenizer's usual special tokens)."""
     given = [name for name, v, default in (("tasks", tasks, None), ("n_shots", n_shots, 10),
-             ("n_trials", n_trials, "auto"), ("stop_k", stop_k, None), ("bos", bos, "reference"))
-             if v != default]  # fmt: skip
+             ("n_trials", n_trials, "auto"), ("stop_k", stop_k, None), ("bos", bos, "reference"),
+             ("tasks_by_lang", tasks_by_lang, None)) if v != default]  # fmt: skip
     if distributed:
         given.append("distributed")
     if given:
         raise ValueError(f"{', '.join(given)} apply to source='probes' only; source='text' takes text=, max_sentences=")
+
+
+def text_sources(langs: list[str], text: Any, max_sentences: int | None, method: str) -> dict[str, Any]:
+    """``{lang: text}`` for :func:`text_head_scores`, every language's text read and checked
+    (:func:`load_text`) first. ``text``: None (built-in), one language's text (one language
+    only), or ``{lang: text}`` (languages it leaves out: built-in)."""
+    if method not in TEXT_METHODS:
+        raise ValueError(f"method must be one of {TEXT_METHODS} for text scores, got {method!r}")
+    if isinstance(text, dict):
+        extra = [str(x) for x in text if x not in langs]
+        if extra:
+            raise ValueError(f"text names {', '.join(extra)}, which langs does not ({' '.join(langs)})")
+        sources = {lang: text.get(lang) for lang in langs}
+    elif text is not None and len(langs) > 1:
+        raise ValueError(f"text= is one language's sentences; for {len(langs)} languages pass {{lang: text}}")
+    else:
+        sources = {lang: text for lang in langs}
+    for lang, t in sources.items():
+        load_text(lang, t, max_sentences=max_sentences)
+    return sources
