@@ -425,3 +425,64 @@ def test_exact_batch_row_layout_equals_one_head_at_a_time(tok, monkeypatch):
     for bs in (64, 5):
         got = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, method="exact", batch_size=bs)
         _close(got, want, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- means="leave_one_out"
+
+# Two groups of twins: row i is patched with the mean over its group's other clean prompts.
+LOO_CLEAN, LOO_CORRUPTED, LOO_TARGETS = CLEAN + [CLEAN[1]], CORRUPTED + [CORRUPTED[1]], TARGETS + [TARGETS[1]]
+LOO_GROUPS = [0, 0, 1, 1]
+
+
+def test_leave_one_out_means_equal_hand_computed():
+    from soteria.heads.attribution import _leave_one_out
+
+    groups = torch.tensor([0, 1, 0, 0, 2, 1, 2])
+    own = [torch.randn(7, 12, dtype=torch.float64) for _ in range(2)]
+    got = _leave_one_out(own, groups)
+    for z, m in zip(own, got):
+        for i in range(7):
+            others = [j for j in range(7) if groups[j] == groups[i] and j != i]
+            torch.testing.assert_close(m[i], z[others].mean(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, rel", [("atp", 1e-4), ("exact", 1e-6)])
+def test_leave_one_out_equals_the_others_clean_mean(method, rel, tok, monkeypatch):
+    """Row i equals the float64 reference patched with the mean over the other clean prompts of its group."""
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("gpt2", dtype=torch.float64, attn_implementation="sdpa")
+    got = indirect_effects(model, tok, LOO_CLEAN, LOO_CORRUPTED, LOO_TARGETS, method=method, batch_size=3,
+                           clean_groups=LOO_GROUPS, corrupted_groups=LOO_GROUPS, means="leave_one_out")  # fmt: skip
+    ref = {"atp": _ref_atp, "exact": _ref_exact}[method]
+    for i, g in enumerate(LOO_GROUPS):
+        others = [LOO_CLEAN[j] for j, h in enumerate(LOO_GROUPS) if h == g and j != i]
+        _close(got[i : i + 1], ref(model, tok, others, [LOO_CORRUPTED[i]], [LOO_TARGETS[i]]), rel=rel)
+    paired = indirect_effects(model, tok, LOO_CLEAN, LOO_CORRUPTED, LOO_TARGETS, method=method, batch_size=3,
+                              clean_groups=LOO_GROUPS, corrupted_groups=LOO_GROUPS)  # fmt: skip
+    assert (got - paired).abs().max() > 1e-3 * paired.abs().max()  # the two means differ
+
+
+def test_paired_means_are_the_default(tok, monkeypatch):
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    model = tiny_model("llama")
+    default = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS)
+    assert torch.equal(indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS, means="paired"), default)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(means="separate"), "means must be one of"),
+        (dict(means="leave_one_out", clean_prompts=CLEAN[:2]), "clean twin of corrupted_prompts"),
+        (dict(means="leave_one_out", clean_groups=[0, 0, 1], corrupted_groups=[0, 1, 1]), "clean twin"),
+        (dict(means="leave_one_out", clean_groups=[0, 0, 1], corrupted_groups=[0, 0, 1]), "group 1 has 1"),
+    ],
+)
+def test_bad_means_fail_before_model_work(kwargs, match, tok):
+    model = tiny_model("llama")
+    for site in head_sites(model):
+        site.module.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(AssertionError("the model ran")))
+    args = {"clean_prompts": CLEAN, "corrupted_prompts": CORRUPTED, "targets": TARGETS, **kwargs}
+    with pytest.raises(ValueError, match=match) as info:
+        indirect_effects(model, tok, **args)
+    assert "\n" not in str(info.value)

@@ -31,6 +31,7 @@ CAPITALS = [
 ]  # fmt: skip
 BY_LANG = {"xx": {"antonym": ANTONYMS, "capital": CAPITALS}, "yy": {"capital": CAPITALS}}
 MULTI = dict(tasks_by_lang=BY_LANG, n_shots=3, n_trials=5, seed=0)  # 15 trials in 3 groups over 2 ranks
+LOO = dict(**MULTI, means="leave_one_out", cache=False, progress=False)
 EXACT = dict(tasks={"antonym": ANTONYMS}, n_shots=2, n_trials=3, method="exact", cache=False, progress=False)
 CLEAN = ["Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: up\nA:"]
 CORRUPTED = ["Q: hot\nA: small\n\nQ: big\nA: cold\n\nQ: up\nA:"]
@@ -69,6 +70,7 @@ def _worker(out: Path) -> None:
     res: dict = {"world": distributed.world_size(), "bars": []}
     _record_bars(res["bars"])
     res["multi"] = {k: v.to_dict() for k, v in find_heads_multi(model, tok, ["xx", "yy"], **MULTI).items()}
+    res["loo"] = find_heads_multi(model, tok, ["xx", "yy"], **LOO)["xx"].scores  # each rank holds some twins
     # float64: exact effects are differences of probabilities, too close for fp32 to compare tightly
     res["exact"] = find_heads(tiny_model("llama", dtype=torch.float64), tok, "xx", **EXACT).to_dict()
     res["one_prompt"] = indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS)  # rank 1 has nothing to do
@@ -116,6 +118,7 @@ def single(tmp_path_factory):
         tok, model = tiny_tokenizer(), tiny_model("llama")
         return {
             "multi": find_heads_multi(model, tok, ["xx", "yy"], progress=False, **MULTI),
+            "loo": find_heads_multi(model, tok, ["xx", "yy"], **LOO)["xx"].scores,
             "exact": find_heads(tiny_model("llama", dtype=torch.float64), tok, "xx", **EXACT),
             "one_prompt": indirect_effects(model, tok, CLEAN, CORRUPTED, TARGETS),
         }
@@ -153,6 +156,7 @@ def test_two_ranks_equal_one_process(two_ranks, single):
     for r, res in enumerate(ranks):
         _close(HeadScores.from_dict(res["exact"]).scores, single["exact"].scores, f"rank {r} exact", rel=1e-9)
         _close(res["one_prompt"], single["one_prompt"], f"rank {r} one prompt, two ranks")
+        _close(res["loo"], single["loo"], f"rank {r} leave-one-out means")
 
 
 def test_rank_zero_alone_writes_and_shows_progress(two_ranks):
@@ -166,8 +170,9 @@ def test_rank_zero_alone_writes_and_shows_progress(two_ranks):
     assert [r["cli_code"] for r in ranks] == [0, 0]
     assert "en: top heads" in ranks[0]["cli_stdout"] and ranks[1]["cli_stdout"] == ""
     # One bar per computing call (multi; the CLI's en+fr); exact and indirect_effects make none here.
-    assert [b["disable"] for b in ranks[0]["bars"]] == [False, True, False]  # exact ran with progress=False
-    assert [b["disable"] for b in ranks[1]["bars"]] == [True, True, True]
+    # leave-one-out and exact ran with progress=False
+    assert [b["disable"] for b in ranks[0]["bars"]] == [False, True, True, False]
+    assert [b["disable"] for b in ranks[1]["bars"]] == [True, True, True, True]
     assert ranks[0]["bars"][0]["total"] == 8  # rank 0's share of 15 trials: 0, 2, ..., 14
 
 

@@ -391,3 +391,42 @@ def test_auto_trials_stop_once_the_top_set_is_stable_and_record_the_rule(tok):
 def test_bad_n_trials_is_refused_before_any_work(tok, bad):
     with pytest.raises(ValueError, match="n_trials must be a positive int or 'auto'"):
         find_heads(tiny_model("llama"), tok, "xx", tasks=TASKS, n_trials=bad, cache=False, progress=False)
+
+
+def test_means_option_keeps_the_default_cache_key(tok, monkeypatch, tmp_path):
+    """means="paired" is the default: its settings and cache key are today's; leave_one_out is another key."""
+    from soteria.heads.search import LEAVE_ONE_OUT_RULE, MEANS_RULE
+
+    monkeypatch.setenv("SOTERIA_CACHE_DIR", str(tmp_path / "c"))
+    model = tiny_model("llama")
+    first = find_heads(model, tok, "xx", **SMALL)
+    assert first.settings["prompts"]["means"] == MEANS_RULE
+    loo = find_heads(model, tok, "xx", means="leave_one_out", **SMALL)
+    assert loo.settings["prompts"]["means"] == LEAVE_ONE_OUT_RULE
+    assert not torch.equal(loo.scores, first.scores)
+    assert len(list((tmp_path / "c" / "heads").glob("*.json"))) == 2
+
+    import soteria.heads.attribution as attribution
+
+    def boom(*a, **k):
+        raise AssertionError("cache miss: indirect_effects was called")
+
+    monkeypatch.setattr(attribution, "indirect_effects", boom)
+    assert torch.equal(find_heads(model, tok, "xx", means="paired", **SMALL).scores, first.scores)
+    assert torch.equal(find_heads(model, tok, "xx", means="leave_one_out", **SMALL).scores, loo.scores)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(means="mine"), "means must be one of"),
+        (dict(means="leave_one_out", n_trials=1), "at least 2 trials of each task in each round"),
+    ],
+)
+def test_bad_means_refused_before_any_work(tok, kwargs, match):
+    model = tiny_model("llama")
+    for site in head_sites(model):
+        site.module.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(AssertionError("the model ran")))
+    with pytest.raises(ValueError, match=match) as info:
+        find_heads(model, tok, "xx", **{**SMALL, **kwargs})
+    assert "\n" not in str(info.value)

@@ -182,6 +182,7 @@ def test_multi_takes_text_per_language(tok):
         (dict(text={"fr": SENTENCES}, max_sentences=0), "max_sentences"),
         (dict(method="exact"), "method must be one of"),
         (dict(tasks_by_lang={"en": ["antonym"]}), "tasks_by_lang apply to source='probes' only"),
+        (dict(means="leave_one_out"), "means apply to source='probes' only"),
         (dict(source="probes", text={"fr": SENTENCES}), "need source='text'"),
         (dict(text={"fr": SENTENCES}, source="wiki"), "source must be"),
     ],

@@ -4,7 +4,8 @@ For head ``h`` of layer ``l`` (input columns ``[h*D, (h+1)*D)`` of that layer's 
 output projection, activation ``z^l_h``) and a corrupted prompt with target token ``t``:
 
 - exact: ``p(t | corrupted, z^l_h[last] := a_bar^l_h) - p(t | corrupted)``, where
-  ``a_bar^l_h`` is the mean of ``z^l_h`` at the last token over the clean prompts. Each
+  ``a_bar^l_h`` is the mean of ``z^l_h`` at the last token over the clean prompts (or, with
+  ``means="leave_one_out"``, over all but the corrupted prompt's own clean twin). Each
   prompt's prefix runs once with a KV cache; the patched copies run the last token only, many
   to a pass, from the patched layer up (:mod:`.lastpos`). ``method="exact_full"`` runs every
   patched copy through the whole prompt and every layer instead: the reference it must equal;
@@ -45,9 +46,12 @@ from .distributed import all_gather_object, all_reduce_sum, resolve, shard
 from .lastpos import LastToken, decoder_layers
 from .prompts import encode_batch, prompt_list
 
-__all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "indirect_effects", "mean_activations"]
+__all__ = ["DEFAULT_BATCH_SIZE", "MEANS", "METHODS", "indirect_effects", "mean_activations"]
 
 METHODS = ("atp", "exact")
+# What each corrupted prompt's heads are patched with: its group's mean over all clean prompts
+# ("paired"), or over all but its own clean twin (``clean_prompts[i]``; "leave_one_out").
+MEANS = ("paired", "leave_one_out")
 # Rows per forward pass when ``batch_size`` is None. AtP keeps activations for the backward
 # pass, so it takes fewer rows; the exact method runs under no_grad and packs several patched
 # copies of the prompts into one pass.
@@ -319,6 +323,32 @@ def mean_activations(
         return [m[0] for m in _group_means(model, tokenizer, ids, groups, 1, bs, sites, rank, world)]
 
 
+def _leave_one_out(own: list[torch.Tensor], groups: torch.Tensor) -> list[torch.Tensor]:
+    """``[N, H*D]`` per layer: row ``i`` is the mean of ``own`` (``[N, H*D]``, one row per clean
+    prompt) over the other rows of group ``groups[i]``; summed in fp64, cast back."""
+    counts = torch.bincount(groups)
+    out = []
+    for z in own:
+        g = groups.to(z.device)
+        z64 = z.double()
+        sums = z64.new_zeros(len(counts), z.shape[-1]).index_add_(0, g, z64)
+        out.append(((sums[g] - z64) / (counts.to(z.device)[g, None] - 1)).to(z.dtype))
+    return out
+
+
+def _check_means(means: str, clean: list, corrupted: list, cg: torch.Tensor, kg: torch.Tensor) -> None:
+    if means not in MEANS:
+        raise ValueError(f"means must be one of {MEANS}, got {means!r}")
+    if means == "paired":
+        return
+    if len(clean) != len(corrupted) or not torch.equal(cg, kg):
+        raise ValueError(f"means='leave_one_out' needs clean_prompts[i] to be the clean twin of corrupted_prompts[i]"
+                         f" (as many, same groups); got {len(clean)} clean, {len(corrupted)} corrupted")  # fmt: skip
+    small = [g for g, c in enumerate(torch.bincount(cg).tolist()) if c == 1]
+    if small:
+        raise ValueError(f"means='leave_one_out' needs at least 2 clean prompts per group; group {small[0]} has 1")
+
+
 def _mean_share(method: str, sites) -> float:
     """The clean mean pass's share of a trial's work, for progress: one forward pass per clean
     prompt against a corrupted prompt's forward and backward pass (AtP, about three forwards)
@@ -498,6 +528,7 @@ def indirect_effects(
     clean_groups: Sequence[int] | None = None,
     corrupted_groups: Sequence[int] | None = None,
     distributed: bool | None = None,
+    means: str = "paired",
 ) -> torch.Tensor:
     """Each head's indirect effect on ``p(target)`` for each corrupted prompt.
 
@@ -529,6 +560,10 @@ def indirect_effects(
             pass the same arguments (checked) and gets the same result; prompt ``j`` of the
             longest-first order runs on rank ``j % world_size``, clean sums are all-reduced in
             fp64, and each row of the result is computed by exactly one rank.
+        means: ``"paired"`` (default): corrupted prompt ``i`` is patched with its group's mean
+            over all its clean prompts, its own clean twin included; ``"leave_one_out"``: over
+            all but ``clean_prompts[i]``, which must then be its twin (``N`` clean prompts, the
+            same groups, at least 2 per group). The same forward passes either way.
 
     Returns:
         float32 ``[N, L, H]`` on the CPU.
@@ -545,6 +580,7 @@ def indirect_effects(
     orphans = sorted(set(kg.tolist()) - set(cg.tolist()))
     if orphans:
         raise ValueError(f"corrupted_groups {orphans} have no clean prompts to take the mean activations from")
+    _check_means(means, clean, corrupted, cg, kg)
     n_groups = int(max(cg.max(), kg.max())) + 1
     rank, world = resolve(distributed)
     bs = int(batch_size or DEFAULT_BATCH_SIZE["exact" if method == "exact_full" else method])
@@ -558,13 +594,19 @@ def indirect_effects(
         corrupted_ids = _tokenize(tokenizer, corrupted, "corrupted_prompts")
         if world > 1:
             shape = (len(sites), sites[0].num_heads, sites[0].head_dim)
-            _check_same_everywhere([clean_ids, corrupted_ids, tgt, cg, kg, method, bs, shape])
+            _check_same_everywhere([clean_ids, corrupted_ids, tgt, cg, kg, method, bs, shape, means])
         mine = torch.tensor(_schedule(corrupted_ids, rank, world), dtype=torch.long)
         share = _mean_share(method, sites)  # of each corrupted prompt's count, for the clean mean pass
-        means = _group_means(model, tokenizer, clean_ids, cg, n_groups, bs, sites, rank, world,
-                             _scaled(progress, share * len(mine)))  # fmt: skip
+        mean_progress = _scaled(progress, share * len(mine))
+        if means == "paired":
+            baselines = _group_means(model, tokenizer, clean_ids, cg, n_groups, bs, sites, rank, world, mean_progress)
+            index = kg  # row i takes its group's mean
+        else:  # each clean prompt as its own group: its activation; then the others' mean
+            own = _group_means(model, tokenizer, clean_ids, torch.arange(len(clean)), len(clean), bs, sites, rank,
+                               world, mean_progress)  # fmt: skip
+            baselines, index = _leave_one_out(own, cg), torch.arange(len(clean))  # row i takes its own
         rows = [corrupted_ids[i] for i in mine.tolist()]
-        part = run(model, tokenizer, sites, means, rows, kg[mine], tgt[mine], bs, _scaled(progress, 1 - share))
+        part = run(model, tokenizer, sites, baselines, rows, index[mine], tgt[mine], bs, _scaled(progress, 1 - share))
         out = torch.zeros(len(corrupted), len(sites), sites[0].num_heads, dtype=torch.float32)
         out[mine] = part
         if world > 1:  # each row is non-zero on one rank only, so the sum is exact

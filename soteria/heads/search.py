@@ -46,6 +46,8 @@ MEANS_RULE = (
     "each task's mean clean activation is over its clean prompts of the same round (the clean twins of the "
     f"corrupted prompts scored; rounds of {AUTO_STEP} under n_trials='auto', else all)"
 )
+# means="leave_one_out" records this one instead (the default's entry, and so its cache key, is unchanged).
+LEAVE_ONE_OUT_RULE = MEANS_RULE + ", less the scored prompt's own clean twin (leave one out)"
 PRECISION_RULE = "p(target) from a float32 softmax of the logits (float64 for float64 models)"
 
 
@@ -73,7 +75,18 @@ def _mean_scores(per_task: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(per_task.values())).mean(0)
 
 
-def _round(attribution, model, tokenizer, built, langs, lo, hi, method, batch_size, bar, distributed) -> dict:
+def _check_rounds(built: dict, means: str, n_build: int, step: int) -> None:
+    """ValueError, before any work, when a round of ``means="leave_one_out"`` would give a task one prompt."""
+    if means != "leave_one_out":
+        return
+    for lang, tasks in built.items():
+        for name, pp in tasks.items():
+            if any(len(pp.corrupted[lo : lo + step]) == 1 for lo in range(0, n_build, step)):
+                raise ValueError(f"means='leave_one_out' needs at least 2 trials of each task in each round; "
+                                 f"{lang}/{name} has 1 in a round of {step} ({len(pp.corrupted)} prompts)")  # fmt: skip
+
+
+def _round(attribution, model, tokenizer, built, langs, lo, hi, method, batch_size, bar, distributed, means) -> dict:
     """Effects ``{(lang, task): [n, L, H]}`` of trials ``lo:hi`` of every task of ``langs``, in shared
     batches (each task patched with the mean over its own clean prompts of this round)."""
     clean, corrupted, targets, clean_groups, corrupted_groups, keys = [], [], [], [], [], []
@@ -93,7 +106,7 @@ def _round(attribution, model, tokenizer, built, langs, lo, hi, method, batch_si
         return {}
     effects = attribution.indirect_effects(
         model, tokenizer, clean, corrupted, targets, method=method, batch_size=batch_size, progress=bar.update,
-        clean_groups=clean_groups, corrupted_groups=corrupted_groups, distributed=distributed,
+        clean_groups=clean_groups, corrupted_groups=corrupted_groups, distributed=distributed, means=means,
     )  # fmt: skip
     labels = torch.tensor(corrupted_groups)
     return {key: effects[labels == g] for g, key in enumerate(keys)}
@@ -172,6 +185,7 @@ def find_heads(
     distributed: bool | None = None,
     stop_k: int | float | None = None,
     bos: str = "reference",
+    means: str = "paired",
     source: str = "probes",
     text: Any = None,
     max_sentences: int | None = None,
@@ -201,6 +215,10 @@ def find_heads(
             ``"reference"`` (default; a literal ``<|endoftext|>`` for Qwen2, Phi-3, GPT-2...),
             ``"tokenizer"`` (soteria's earlier rule) or ``"none"``. Recorded, with the other
             prompt rules, in ``settings["prompts"]``.
+        means: the mean activation each corrupted prompt is patched with: ``"paired"`` (default)
+            over its task's clean prompts of the round, its own clean twin included, or
+            ``"leave_one_out"``: without it (:func:`soteria.heads.attribution.indirect_effects`).
+            Recorded in ``settings["prompts"]["means"]``.
         batch_size: rows per forward pass (see :func:`soteria.attribution.indirect_effects`).
             The tasks share batches.
         cache: read/write ``$SOTERIA_CACHE_DIR/heads/<key>.json``; the key covers a fingerprint
@@ -231,6 +249,7 @@ def find_heads(
         distributed=distributed,
         stop_k=stop_k,
         bos=bos,
+        means=means,
         source=source,
         text=text,
         max_sentences=max_sentences,
@@ -254,6 +273,7 @@ def find_heads_multi(
     distributed: bool | None = None,
     stop_k: int | float | None = None,
     bos: str = "reference",
+    means: str = "paired",
     source: str = "probes",
     text: Any = None,
     max_sentences: int | None = None,
@@ -277,7 +297,7 @@ def find_heads_multi(
     Every language's text is read and checked before the model runs.
     """
     if source == "text":
-        check_text_args(tasks, n_shots, n_trials, stop_k, distributed, bos, tasks_by_lang)
+        check_text_args(tasks, n_shots, n_trials, stop_k, distributed, bos, tasks_by_lang, means)
         sources = text_sources(lang_list(langs), text, max_sentences, method)
         return {lang: text_head_scores(model, tokenizer, lang, text=t, method=method, max_sentences=max_sentences,
                                        batch_size=batch_size, cache=cache, progress=progress)
@@ -289,6 +309,8 @@ def find_heads_multi(
     if method not in attribution.METHODS:
         raise ValueError(f"method must be one of {attribution.METHODS}, got {method!r}")
     check_bos(bos)
+    if means not in attribution.MEANS:
+        raise ValueError(f"means must be one of {attribution.MEANS}, got {means!r}")
     langs = lang_list(langs)
     adaptive = _check_trials(n_trials)
     n_build = AUTO_MAX_TRIALS if adaptive else n_trials
@@ -309,6 +331,7 @@ def find_heads_multi(
             if not pp.corrupted:
                 raise ValueError(f"task {name!r} of {lang!r} gave no usable prompts")
     _check_context(model, tokenizer, built, n_shots)
+    _check_rounds(built, means, n_build, AUTO_STEP if adaptive else n_build)
 
     sites = head_sites(model)
     if cache and any(site.weight.device.type == "meta" for site in sites):
@@ -324,7 +347,8 @@ def find_heads_multi(
         if len(set(prints)) != 1:
             differ = [r for r, f in enumerate(prints) if f != prints[0]]
             raise ValueError(f"find_heads: ranks {differ} hold other weights than rank 0; load one model everywhere")
-    prompt_rules = {**prompt_settings(bos, bos_prefix(tokenizer, bos)), "means": MEANS_RULE}
+    means_rule = MEANS_RULE if means == "paired" else LEAVE_ONE_OUT_RULE
+    prompt_rules = {**prompt_settings(bos, bos_prefix(tokenizer, bos)), "means": means_rule}
     prompt_rules["precision"] = PRECISION_RULE
     settings: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
@@ -376,7 +400,7 @@ def find_heads_multi(
                       enabled=progress and rank == 0) as bar:  # fmt: skip
         for lo in range(0, n_build, step):
             part = _round(attribution, model, tokenizer, built, active, lo, lo + step, method, batch_size, bar,
-                          distributed)  # fmt: skip
+                          distributed, means)  # fmt: skip
             for key, value in part.items():
                 effects[key].append(value)
             if not adaptive:

@@ -352,12 +352,12 @@ def text_head_scores(
 
 
 def check_text_args(tasks: Any, n_shots: int, n_trials: Any, stop_k: Any, distributed: Any, bos: Any,
-                    tasks_by_lang: Any = None) -> None:  # fmt: skip
+                    tasks_by_lang: Any = None, means: Any = "paired") -> None:  # fmt: skip
     """ValueError when a probe-only argument of :func:`find_heads` is given with ``source="text"``
     (the sentences are tokenised with the tokenizer's usual special tokens)."""
     given = [name for name, v, default in (("tasks", tasks, None), ("n_shots", n_shots, 10),
              ("n_trials", n_trials, "auto"), ("stop_k", stop_k, None), ("bos", bos, "reference"),
-             ("tasks_by_lang", tasks_by_lang, None)) if v != default]  # fmt: skip
+             ("tasks_by_lang", tasks_by_lang, None), ("means", means, "paired")) if v != default]  # fmt: skip
     if distributed:
         given.append("distributed")
     if given:
