@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..arch import head_sites
+from .prompts import encode_batch
 
-__all__ = ["cache_dir", "cache_key", "model_fingerprint"]
+__all__ = ["cache_dir", "cache_key", "model_fingerprint", "prompts_digest"]
 
 # Elements read from each non-output-projection tensor (evenly strided over it).
 SAMPLE_ELEMENTS = 4096
@@ -89,4 +90,19 @@ def model_fingerprint(model: nn.Module, full: set[str] | None = None) -> str:
             flat = t.detach().reshape(-1)
             step = -(-flat.numel() // SAMPLE_ELEMENTS)  # ceil: at most SAMPLE_ELEMENTS, spread over all of it
             h.update(_tensor_bytes(flat[::step]))
+    return h.hexdigest()
+
+
+def prompts_digest(tokenizer, built: dict[str, Any]) -> str:
+    """SHA-256 of the token ids every task feeds the model (so data and tokenizer are covered)."""
+    h = hashlib.sha256()
+    for name in sorted(built):
+        pp = built[name]
+        h.update(f"task|{name}|".encode())
+        for which in (pp.clean, pp.corrupted):
+            ids, mask, _ = encode_batch(tokenizer, list(which), padding_side="right")
+            for row, m in zip(ids, mask):
+                h.update(row[m.bool()].to(torch.int64).numpy().tobytes())
+                h.update(b"|")
+        h.update(torch.tensor(list(pp.target_ids), dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from ..arch import unwrap_model
 from ..io.atomic import atomic_write_bytes, atomic_write_text
 from ..version import __version__
 from .probes import GROUPS, VOTE_THRESHOLDS
 
-__all__ = ["HeadScores", "HeadSet", "resolve_k"]
+__all__ = ["HeadScores", "HeadSet", "model_name", "resolve_k"]
 
 _FORMAT = "soteria.HeadScores"
 _FORMAT_VERSION = 1
@@ -293,3 +294,14 @@ def _default_votes(langs: Sequence[str]) -> int:
         if sorted(langs) == sorted(members):
             return VOTE_THRESHOLDS[group]
     return len(langs) // 2 + 1
+
+
+def model_name(model) -> str:
+    """The model's Hub id or path from its config, else its ``model_type`` or class name."""
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    for attr in ("name_or_path", "_name_or_path"):
+        name = getattr(config, attr, None)
+        if name:
+            return str(name)
+    return str(getattr(config, "model_type", "") or type(inner).__name__)

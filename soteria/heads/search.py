@@ -12,7 +12,6 @@ prompts over a ``torch.distributed`` process group when one is initialised
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -27,11 +26,11 @@ from ..langs import lang_list
 from ..progress import progress_bar
 from ..version import __version__
 from . import attribution
-from .cache import cache_dir, cache_key, model_fingerprint
+from .cache import cache_dir, cache_key, model_fingerprint, prompts_digest
 from .distributed import all_gather_object, broadcast_object, resolve
 from .probes import resolve_tasks
-from .prompts import bos_prefix, build_prompts, check_bos, encode_batch, prompt_settings
-from .scores import HeadScores, resolve_k
+from .prompts import bos_prefix, build_prompts, check_bos, prompt_settings
+from .scores import HeadScores, model_name, resolve_k
 from .text import check_text_args, text_head_scores, text_sources
 
 __all__ = ["AUTO_JACCARD", "AUTO_MAX_TRIALS", "AUTO_STEP", "find_heads", "find_heads_multi"]
@@ -113,31 +112,6 @@ def _round(attribution, model, tokenizer, built, langs, lo, hi, method, batch_si
 
 
 # --------------------------------------------------------------------------- find_heads
-
-
-def _model_name(model: nn.Module) -> str:
-    inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
-    for attr in ("name_or_path", "_name_or_path"):
-        name = getattr(config, attr, None)
-        if name:
-            return str(name)
-    return str(getattr(config, "model_type", "") or type(inner).__name__)
-
-
-def _prompts_digest(tokenizer, built: dict[str, Any]) -> str:
-    """SHA-256 of the token ids every task feeds the model (so data and tokenizer are covered)."""
-    h = hashlib.sha256()
-    for name in sorted(built):
-        pp = built[name]
-        h.update(f"task|{name}|".encode())
-        for which in (pp.clean, pp.corrupted):
-            ids, mask, _ = encode_batch(tokenizer, list(which), padding_side="right")
-            for row, m in zip(ids, mask):
-                h.update(row[m.bool()].to(torch.int64).numpy().tobytes())
-                h.update(b"|")
-        h.update(torch.tensor(list(pp.target_ids), dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _context(model: nn.Module) -> int | None:
@@ -235,25 +209,10 @@ def find_heads(
         and ``per_task`` scores.
     """
     return find_heads_multi(
-        model,
-        tokenizer,
-        [lang],
-        method=method,
-        tasks=tasks,
-        n_shots=n_shots,
-        n_trials=n_trials,
-        seed=seed,
-        batch_size=batch_size,
-        cache=cache,
-        progress=progress,
-        distributed=distributed,
-        stop_k=stop_k,
-        bos=bos,
-        means=means,
-        source=source,
-        text=text,
-        max_sentences=max_sentences,
-    )[lang]
+        model, tokenizer, [lang], method=method, tasks=tasks, n_shots=n_shots, n_trials=n_trials, seed=seed,
+        batch_size=batch_size, cache=cache, progress=progress, distributed=distributed, stop_k=stop_k, bos=bos,
+        means=means, source=source, text=text, max_sentences=max_sentences,
+    )[lang]  # fmt: skip
 
 
 def find_heads_multi(
@@ -369,7 +328,7 @@ def find_heads_multi(
                 "kind": "head_scores",
                 "lang": lang,
                 "method": method,
-                "prompts": _prompts_digest(tokenizer, built[lang]),
+                "prompts": prompts_digest(tokenizer, built[lang]),
                 **settings[lang],
             }
         )
@@ -421,7 +380,7 @@ def find_heads_multi(
         used = {name: sum(len(e) for e in effects[(lang, name)]) for name in built[lang]}
         results[lang] = HeadScores(
             scores=_mean_scores(per_task),
-            model_name=_model_name(model),
+            model_name=model_name(model),
             lang=lang,
             method=method,
             settings={**settings[lang], "trials": used, **({"stable": lang in stable_at} if adaptive else {})},

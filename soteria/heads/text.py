@@ -44,7 +44,6 @@ from torch import nn
 
 import soteria_kernels
 
-from ..arch import unwrap_model
 from ..io.jsonl import json_lines
 from ..langs import lang_list, shipped_codes
 from ..models.state import frozen_eval, input_device
@@ -53,7 +52,7 @@ from ..version import __version__
 from .attribution import _one_logit, _pre_hooks, _projection_input, _refuse_prompt_learning, _sites
 from .cache import cache_dir, cache_key, model_fingerprint
 from .prompts import encode_batch
-from .scores import HeadScores
+from .scores import HeadScores, model_name
 
 __all__ = [
     "DEFAULT_TEXT_BATCH",
@@ -260,13 +259,6 @@ def _scores(model, tokenizer, rows, sites, means, bs, baseline: bool, bar) -> to
 # --------------------------------------------------------------------------- the scorer
 
 
-def _model_name(model: nn.Module) -> str:
-    inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
-    name = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
-    return str(name or getattr(config, "model_type", "") or type(inner).__name__)
-
-
 def text_head_scores(
     model: nn.Module,
     tokenizer,
@@ -344,7 +336,7 @@ def text_head_scores(
                                                    unit="sentence", enabled=progress) as bar:  # fmt: skip
         means = _means(model, tokenizer, rows, sites, bs, bar) if method == "atp" else None
         total = _scores(model, tokenizer, rows, sites, means, bs, method == "atp", bar)
-    result = HeadScores(scores=(total / settings["n_predicted"]).float(), model_name=_model_name(model), lang=lang,
+    result = HeadScores(scores=(total / settings["n_predicted"]).float(), model_name=model_name(model), lang=lang,
                         method=method, settings=settings)  # fmt: skip
     if path is not None:
         result.save(path)
