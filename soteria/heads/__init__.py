@@ -4,7 +4,7 @@
 - :mod:`.prompts`: clean and corrupted few-shot prompts, tokenised and padded;
 - :mod:`.attribution`: per-head indirect effects (attribution patching, or exact patching);
 - :mod:`.search`: :func:`find_heads` / :func:`find_heads_multi`, trials averaged, cached;
-- :mod:`.text`: :func:`find_heads` with ``source="text"``: heads from plain text, no probe tasks;
+- :mod:`.text`: ``source="text"`` of both: heads from plain text, no probe tasks;
 - :mod:`.scores`: the :class:`HeadScores` they return;
 - :mod:`.cache`, :mod:`.distributed`: the result cache and the process-group sharding.
 """
