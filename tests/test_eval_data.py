@@ -12,7 +12,7 @@ import pytest
 
 from soteria.evaluation import EvalPrompt, RefusalJudge, eval_languages, load_hub, load_prompts, smoke_prompts
 from soteria.evaluation.prompt_sets import harmless_prompts, heldout_texts, instruction, normalize_lang
-from soteria.harm.data import load_harmful
+from soteria.harm.data import load_harmful, load_harmless
 
 PAPER = ["en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te"]
 
@@ -33,8 +33,9 @@ SCRIPT = {
 }
 
 
-# Technical terms users type in Latin letters whatever their language (harmful prompts 5, 7, 24).
-_LATIN_TERMS = re.compile(r"(?<![A-Za-z])(?:ATM|SYN|DDoS|flood)(?![A-Za-z])")
+# Technical terms users type in Latin letters whatever their language (evaluation harmful prompts
+# 5, 7, 24; "Wi-Fi", "Python" and "kill" in the harm directions' data).
+_LATIN_TERMS = re.compile(r"(?<![A-Za-z])(?:ATM|SYN|DDoS|flood|Wi-Fi|Python|kill)(?![A-Za-z])")
 
 
 def _script_share(text: str, script: str) -> float:
@@ -48,6 +49,8 @@ def test_builtin_data_covers_twelve_languages_natively():
     assert eval_languages() == PAPER
     for lang in PAPER:
         texts = [p.prompt for p in smoke_prompts([lang])] + harmless_prompts(lang) + heldout_texts(lang)
+        texts += [t for r in load_harmful(lang) for t in (r["prompt"], r["refusal"])]  # the harm directions' data
+        texts += [r["prompt"] for r in load_harmless(lang)]
         texts.append(instruction(lang))
         assert len(smoke_prompts([lang])) == 45 and len(harmless_prompts(lang)) == 40
         assert len(heldout_texts(lang)[0]) >= 40
@@ -57,10 +60,13 @@ def test_builtin_data_covers_twelve_languages_natively():
     assert instruction("xx") is None
 
 
-def test_smoke_set_is_disjoint_from_the_steering_refusal_data():
+def test_evaluation_set_is_disjoint_from_the_steering_data():
+    """The harm directions' harmful and harmless requests never appear among the evaluation prompts."""
     for lang in PAPER:
-        steering = {r["prompt"] for r in load_harmful(lang)}
-        assert steering.isdisjoint(p.prompt for p in smoke_prompts([lang]))
+        steering = {r["prompt"].casefold() for r in load_harmful(lang) + load_harmless(lang)}
+        evaluation = [p.prompt for p in smoke_prompts([lang])] + harmless_prompts(lang)
+        assert steering.isdisjoint(p.casefold() for p in evaluation), lang
+        assert len(load_harmful(lang)) == 40 and len(load_harmless(lang)) == 42, lang
 
 
 def test_refusal_judge_recognises_every_shipped_refusal():

@@ -66,7 +66,7 @@ def sharded(tmp_path):
 def test_builtin_harmful_data():
     assert harmful_languages() == LANGS
     rows = load_harmful()
-    assert len(rows) == 120
+    assert len(rows) == 480
     per_lang = {}
     for r in rows:
         assert set(r) == {"prompt", "refusal", "lang"}
@@ -74,12 +74,12 @@ def test_builtin_harmful_data():
         per_lang.setdefault(r["lang"], []).append(r)
     assert list(per_lang) == LANGS
     for lang, rs in per_lang.items():
-        assert 10 <= len(rs) <= 12, lang
+        assert len(rs) == 40, lang
         assert len({r["prompt"] for r in rs}) == len(rs), lang
     # non-Latin languages are written in their own scripts
     assert any("\u0e00" <= c <= "\u0e7f" for c in per_lang["th"][0]["prompt"])
     assert any("\u0b80" <= c <= "\u0bff" for c in per_lang["ta"][0]["refusal"])
-    assert [r["lang"] for r in load_harmful(["te", "en"])][::10] == ["te", "en"]
+    assert [r["lang"] for r in load_harmful(["te", "en"])][::40] == ["te", "en"]
     with pytest.raises(ValueError, match="no built-in harmful requests for 'xx'"):
         load_harmful("xx")
 
@@ -455,7 +455,7 @@ def test_from_gradients_is_a_descent_direction_and_deterministic():
     hv = HarmVector.from_gradients(model, tok, langs=["en", "zh"], batch_size=8, progress=False)
     assert model.training  # restored
     model.eval()
-    assert hv.source.startswith("gradients:builtin(en,zh) n=20")
+    assert hv.source.startswith("gradients:builtin(en,zh) n=80")
     again = HarmVector.from_gradients(model, tok, langs=["en", "zh"], batch_size=8, progress=False)
     assert all(torch.equal(hv.tensor(layer), again.tensor(layer)) for layer in hv.layers)
 
@@ -529,7 +529,7 @@ def test_contrast_removes_the_harmless_refusal_gradient_from_every_head_slice():
             assert abs(float((t * m).sum())) <= 1e-5 * float(t.norm() * m.norm())  # first order: L_c unchanged
     assert "contrast=data n_contrast=5" in both.source
     builtin = HarmVector.from_gradients(model, tok, langs=["en"], contrast="builtin", progress=False)
-    assert "contrast=builtin n_contrast=12" in builtin.source
+    assert "contrast=builtin n_contrast=42" in builtin.source
 
 
 def test_refusal_tokens_scores_only_the_opening_of_each_refusal():

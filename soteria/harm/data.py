@@ -1,12 +1,14 @@
-"""The built-in harmful requests paired with refusals, used by :meth:`HarmVector.from_gradients`.
+"""The built-in harmful requests paired with refusals, and harmless requests, of the harm directions.
 
-``soteria/data/harmful/<lang>.jsonl``: for each of the twelve Soteria languages, ten short,
-non-graphic harmful requests (break into a house, phishing, shoplifting, forged documents, ...)
-each with a natural refusal in the same language. One JSON object a line:
-``{"prompt": ..., "refusal": ..., "lang": ...}``. The same ten requests in every language.
+``soteria/data/harmful/<lang>.jsonl``: for each of the twelve Soteria languages, forty short,
+non-graphic harmful requests (break into a house, phishing, stalking, hate speech, ...) each
+with a natural refusal in the same language. One JSON object a line:
+``{"prompt": ..., "refusal": ..., "lang": ...}``. The same forty requests in every language.
 
-``soteria/data/harmless/<lang>.jsonl``: twelve harmless requests per language (``{"prompt",
-"lang"}``), the same in every language: the contrast set of the gradient direction.
+``soteria/data/harmless/<lang>.jsonl``: forty-two harmless requests per language (``{"prompt",
+"lang"}``), the same in every language, many of them worded like risky ones ("kill a Python
+process", "get rid of mice"): the contrast set of the gradient direction, the retain set of the
+fine-tune direction. Neither set shares a prompt with the evaluation set (``soteria/data/eval``).
 """
 
 from __future__ import annotations
