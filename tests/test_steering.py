@@ -300,8 +300,8 @@ def test_harm_none_uses_gradients_of_the_steered_languages(monkeypatch):
     cfg = model.soteria_config
     assert cfg.harm_kind == "tau" and cfg.harm_source == expected.source
     assert (
-        cfg.harm_source.startswith("gradients:builtin(en,fr) n=20")
-        and "contrast=builtin n_contrast=24 refusal_tokens=4" in cfg.harm_source
+        cfg.harm_source.startswith("gradients:builtin(en,fr) n=80")
+        and "contrast=builtin n_contrast=84 refusal_tokens=4" in cfg.harm_source
     )
     taus64 = {layer: expected.tensor(layer).double() for layer in expected.layers}
     _check_against_dense(model, snap, taus64, cfg.head_scales(), max_ulp=0)

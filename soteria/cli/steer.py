@@ -10,7 +10,7 @@ from ..export import CONFIG_NAME, PATCH_NAME, SoteriaPatch, damage_check, save_s
 from ..io.atomic import check_target, check_writable
 from ..models.loading import load_model, model_shape
 from ..steer import SoteriaPatcher
-from ..steer.plan import check_plan, harm_path
+from ..steer.plan import check_plan, derived_kind, harm_path
 from ..tune import load_tune_config
 from .args import (
     add_find_args,
@@ -86,8 +86,9 @@ def run(args) -> int:
                              "`soteria convert MODEL --gguf-file NAME --out DIR`, or drop --streaming")  # fmt: skip
         if heads is None:
             raise ValueError("--streaming edits a checkpoint without loading it: give --heads or --heads-from")
-        if args.harm is None and config_harm is None:
-            raise ValueError("--streaming needs --harm (a harmful fine-tune directory or a saved HarmVector)")
+        if (args.harm is None or derived_kind(args.harm)) and config_harm is None:
+            raise ValueError("--streaming needs --harm (a harmful fine-tune directory or a saved HarmVector); "
+                             "a derived direction (gradients, finetune) needs the model loaded")  # fmt: skip
         if isinstance(heads, list):
             heads = {lang: heads for lang in langs}
         harm = config_harm if config_harm is not None else harm_arg(args.harm)
@@ -122,8 +123,9 @@ def add_parser(sub) -> None:
     p.add_argument("--langs", nargs="+", default=None, help="language codes, e.g. hi bn (optional with --config)")
     p.add_argument("--config", default=None, metavar="FILE", help="the chosen.json of `soteria tune` (heads, "
                    "scales and harm vector), or a steered model's soteria_config.json with --harm")  # fmt: skip
-    p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id) or a saved HarmVector "
-                   "(.safetensors); default: the gradient direction from the built-in refusal data")  # fmt: skip
+    p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id), a saved HarmVector "
+                   "(.safetensors), or 'finetune' (a short refusal fine-tune of the found heads, steered at 1.0); "
+                   "default: the gradient direction from the built-in refusal data")  # fmt: skip
     p.add_argument("--harm-gguf-file", default=None, metavar="NAME", help="the harmful fine-tune is this GGUF file "
                    "in the --harm folder")  # fmt: skip
     p.add_argument("--scale", default="auto", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5; auto "

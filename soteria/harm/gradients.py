@@ -19,7 +19,7 @@ from ..models.state import frozen_eval, input_device
 from ..progress import progress_bar
 from .data import load_harmful, load_harmless, read_harmful
 
-__all__ = ["encode_pair", "gradient_direction", "refusal_loss"]
+__all__ = ["encode_pair", "gradient_direction", "prompt_ids", "refusal_loss"]
 
 
 def gradient_direction(
@@ -176,28 +176,37 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def prompt_ids(tokenizer, prompt: str, max_length: int, i: int) -> list[int]:
+    """Token ids of a request as the model sees it before its answer: the chat template's user turn
+    and generation prompt, or ``request + "\\n"`` with the tokenizer's special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = _ids(tokenizer, head, False)
+    else:
+        ids = _ids(tokenizer, prompt + "\n", True)
+    if len(ids) >= max_length:
+        raise ValueError(f"row {i}: the request alone is {len(ids)} tokens, max_length is {max_length}")
+    return ids
+
+
 def encode_pair(
     tokenizer, prompt: str, refusal: str, max_length: int, i: int, refusal_tokens: int | None = None
 ) -> tuple[list[int], int]:
     """(token ids of request + refusal (its first ``refusal_tokens`` tokens), number of request tokens)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
+    p_ids = prompt_ids(tokenizer, prompt, max_length, i)
+    if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
             [*user, {"role": "assistant", "content": refusal}], tokenize=False, add_generation_prompt=False
         )
-        tail = full[len(head) :] if full.startswith(head) else refusal
-        p_ids = _ids(tokenizer, head, False)
-        r_ids = _ids(tokenizer, tail, False)
+        r_ids = _ids(tokenizer, full[len(head) :] if full.startswith(head) else refusal, False)
     else:
-        p_ids = _ids(tokenizer, prompt + "\n", True)
         r_ids = _ids(tokenizer, refusal, False)
         eos = getattr(tokenizer, "eos_token_id", None)
         if isinstance(eos, int):
             r_ids.append(eos)
-    if len(p_ids) >= max_length:
-        raise ValueError(f"row {i}: the request alone is {len(p_ids)} tokens, max_length is {max_length}")
     r_ids = r_ids[: min(max_length - len(p_ids), refusal_tokens or max_length)]
     if not r_ids:
         raise ValueError(f"row {i}: the refusal has no tokens")

@@ -39,6 +39,7 @@ from ..arch import head_sites, model_type, unwrap_model
 from ..io.safetensors import check_finite, read_safetensors, save_tensors
 from ..version import __version__
 from .checkpoint import LazyTensors, mismatch, read_checkpoint
+from .finetune import finetune_direction
 from .gradients import gradient_direction
 
 __all__ = ["FORMAT", "KINDS", "HarmVector"]
@@ -365,6 +366,67 @@ class HarmVector:
             contrast=contrast,
             refusal_tokens=refusal_tokens,
             batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+        )
+
+    @classmethod
+    def from_finetune(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        heads,
+        data: Any = None,
+        *,
+        langs: str | list[str] | None = None,
+        contrast: Any = "builtin",
+        steps: int = 16,
+        lr: float = 3e-5,
+        retain: float = 10.0,
+        refusal_tokens: int = 4,
+        answer_tokens: int = 8,
+        batch_size: int = 32,
+        seed: int = 0,
+        max_length: int = 256,
+        progress: bool = True,
+    ) -> HarmVector:
+        """A direction from a short refusal fine-tune of ``heads``' slices only (kind ``"tau"``; steer at ``scale=1``).
+
+        Adam (``lr``, ``steps`` minibatches of ``batch_size`` rows of each kind, order from ``seed``)
+        trains an additive fp32 change ``delta`` of the given heads' output-projection slices, every
+        other weight frozen, on ``L_refuse + retain * KL``: ``L_refuse`` is the refusal loss of
+        :meth:`from_gradients` on the first ``refusal_tokens`` tokens of each refusal, ``KL`` the
+        mean KL(base || tuned) over the base model's own first ``answer_tokens`` greedy answer
+        tokens to the harmless ``contrast`` requests (on the base's top 64 tokens plus the rest).
+        Returns ``tau = -delta`` on the layers holding heads: steering those heads at ``scale=1``
+        applies the fine-tune. The model is left as found (no weight written; hooks removed).
+
+        Args:
+            heads: the heads to train: ``{lang: [(layer, head), ...]}`` (a config's heads),
+                ``{layer: [head, ...]}`` or ``(layer, head)`` pairs; the vector is meant for them.
+            data, langs: the refusal data, as in :meth:`from_gradients`.
+            contrast: ``"builtin"`` (the built-in harmless requests of the data's languages), a
+                list of harmless prompts, or None (no retain term).
+            steps, lr, retain, refusal_tokens, answer_tokens, batch_size, seed: as above.
+            max_length, progress: as in :meth:`from_gradients`.
+
+        Chosen on Qwen2.5-Coder-0.5B-Instruct: README.md, "Results on a real model".
+        """
+        return finetune_direction(
+            cls,
+            model,
+            tokenizer,
+            heads,
+            data,
+            langs=langs,
+            contrast=contrast,
+            steps=steps,
+            lr=lr,
+            retain=retain,
+            refusal_tokens=refusal_tokens,
+            answer_tokens=answer_tokens,
+            batch_size=batch_size,
+            seed=seed,
             max_length=max_length,
             progress=progress,
         )

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..arch import head_sites, unwrap_model
-from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS, DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
+from ..defaults import DEFAULT_RELATIVE_SCALE, DEFAULT_TOP_K
 from ..harm import HarmVector
 from ..heads import find_heads_multi
 from ..io.fingerprint import fingerprint_mismatch
@@ -51,7 +51,9 @@ from .plan import (
     check_find,
     check_plan,
     check_relative,
+    derive_harm,
     layer_plan,
+    natural_scale,
     resolve_harm,
     scale_of,
     warn_shared,
@@ -336,15 +338,10 @@ def _steer(model: nn.Module, request: SoteriaConfig, harm, tokenizer, progress: 
     else:
         recorded_method, recorded_k, find_options = "explicit", None, {}
 
-    if harm is None:
-        if "data" not in harm_kwargs and "langs" not in harm_kwargs:
-            harm_kwargs["langs"] = langs
-        if harm_kwargs.get("data") is None:
-            harm_kwargs.setdefault("contrast", DEFAULT_CONTRAST)
-        harm_kwargs.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)
-        harm = HarmVector.from_gradients(model, tokenizer, progress=progress, **harm_kwargs)
+    if isinstance(harm, str):  # derived from the model, now that the heads are known
+        harm = derive_harm(model, tokenizer, harm, langs, per_lang, harm_kwargs, progress)
     harm.check(model, layers=sorted({layer for pairs in per_lang.values() for layer, _ in pairs}))
-    if scales == "auto" and (relative_scale is not None or harm.kind == "tau"):
+    if scales == "auto" and (relative_scale is not None or not natural_scale(harm)):
         relative = check_relative(DEFAULT_RELATIVE_SCALE if relative_scale is None else relative_scale, langs)
         scales = {lang: calibrated_scale(model, harm, per_lang[lang], scale_of(relative, lang)) for lang in langs}
     else:

@@ -7,6 +7,7 @@ cast exactly alike to give the same bytes: :func:`check_plan`, :func:`layer_plan
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 import warnings
@@ -16,8 +17,10 @@ import torch
 from torch import nn
 
 from ..arch import head_sites, unwrap_model
+from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
+from ..harm.finetune import FINETUNE_OPTIONS, check_finetune_options
 from ..heads.attribution import METHODS
 from ..heads.probes import languages
 from ..langs import lang_list
@@ -25,7 +28,10 @@ from .config import SoteriaConfig, check_relative, check_scale
 from .offload import drop_overlays, editable_weight
 
 __all__ = [
+    "DERIVED",
     "calibrated_scale",
+    "derive_harm",
+    "derived_kind",
     "harm_path",
     "check_config_call",
     "check_find",
@@ -34,6 +40,7 @@ __all__ = [
     "check_relative",
     "check_scale",
     "layer_plan",
+    "natural_scale",
     "operand_dtype",
     "resolve_harm",
     "scale_of",
@@ -189,38 +196,82 @@ def check_config_call(config, langs, heads, scale, relative_scale, top_k, method
         raise ValueError(f"langs {langs!r} differ from the config's languages {config.languages}")
 
 
+#: ``harm_source`` words for a direction derived from the model itself once the heads are known:
+#: :meth:`HarmVector.from_gradients` (also ``""``) and :meth:`HarmVector.from_finetune`. A record's
+#: source (``"gradients:..."``, ``"finetune:..."``) names it the same way and is derived again.
+DERIVED = ("gradients", "finetune")
+
+
+def derived_kind(source: str) -> str | None:
+    """The derived direction ``source`` names (``"gradients"`` for ``""``), or None for a path or Hub id."""
+    if not source:
+        return "gradients"
+    kind, sep, _ = source.partition(":")
+    return kind if kind in DERIVED and (sep or source == kind) else None
+
+
 def harm_path(source: str) -> str:
     """The path or Hub id to read a harm vector from, given a request's or a record's ``harm_source``
     (:attr:`HarmVector.source`: ``"checkpoint:PATH"``, ``"file:PATH"``, or a plain path or Hub id)."""
     kind, _, rest = source.partition(":")
     if kind in ("checkpoint", "file") and rest:
         return rest
-    if kind in ("models", "gradients"):
+    if kind == "models" or derived_kind(source):
         raise ValueError(f"the harm direction {source!r} cannot be read from a file; give it (harm=, --harm)")
     return source
 
 
-def resolve_harm(model, request: SoteriaConfig, harm, tokenizer, harm_kwargs: dict):
-    """The harm vector to use: ``harm`` itself, read from a path, or from the request's ``harm_source``;
-    None for the gradient direction (computed once the heads are known)."""
+def resolve_harm(model, request: SoteriaConfig, harm, tokenizer, harm_kwargs: dict) -> HarmVector | str:
+    """The harm vector to use: ``harm`` itself, or read from a path; or the kind of direction to
+    derive once the heads are known (:data:`DERIVED`), its options checked now."""
     if isinstance(harm, HarmVector):
         return harm
     if harm is not None and not isinstance(harm, (str, os.PathLike)):
-        raise ValueError(f"harm must be a HarmVector, a path or Hub id, or None; got {type(harm).__name__}")
+        raise ValueError(
+            f"harm must be a HarmVector, a path or Hub id, 'finetune', 'gradients' or None; got {type(harm).__name__}"
+        )
     source = os.fspath(harm) if harm is not None else request.harm_source
-    if source and not source.startswith("gradients:"):
+    kind = derived_kind(source)
+    if kind is None:
         return HarmVector.from_pretrained(harm_path(source), base=model, **harm_kwargs)
     if tokenizer is None:
-        raise ValueError("harm=None derives the harm direction from gradients and needs tokenizer=")
-    langs = request.languages
-    missing = [x for x in langs if x not in harmful_languages()]
+        given = "None" if harm is None else repr(source)
+        raise ValueError(f"harm={given} derives the {kind} harm direction from the model itself and needs tokenizer=")
+    derive = HarmVector.from_finetune if kind == "finetune" else HarmVector.from_gradients
+    allowed = set(inspect.signature(derive).parameters) - {"model", "tokenizer", "heads", "progress"}
+    unknown = sorted(set(harm_kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"harm_options {unknown} are not options of the {kind} direction (it takes {sorted(allowed)})")
+    if kind == "finetune":
+        check_finetune_options(**{k: v for k, v in harm_kwargs.items() if k in FINETUNE_OPTIONS})
+    missing = [x for x in request.languages if x not in harmful_languages()]
     if missing and "data" not in harm_kwargs and "langs" not in harm_kwargs:
         raise ValueError(
             f"no built-in refusal data for {', '.join(missing)} (built in: {', '.join(harmful_languages())}); "
             "give harm= (a harmful fine-tune or a HarmVector) or your own refusal pairs "
             "(harm_kwargs={'data': ...})"
         )
-    return None
+    return kind
+
+
+def derive_harm(model, tokenizer, kind: str, langs: list[str], heads, harm_kwargs: dict, progress: bool) -> HarmVector:
+    """The ``kind`` direction (:data:`DERIVED`) for ``heads`` ``{lang: [(layer, head), ...]}``, with
+    soteria's defaults (:mod:`soteria.defaults`) where ``harm_kwargs`` says nothing."""
+    kw = dict(harm_kwargs)
+    if "data" not in kw and "langs" not in kw:
+        kw["langs"] = langs
+    if kind == "finetune":
+        return HarmVector.from_finetune(model, tokenizer, heads, progress=progress, **kw)
+    if kw.get("data") is None:
+        kw.setdefault("contrast", DEFAULT_CONTRAST)
+    kw.setdefault("refusal_tokens", DEFAULT_REFUSAL_TOKENS)
+    return HarmVector.from_gradients(model, tokenizer, progress=progress, **kw)
+
+
+def natural_scale(harm: HarmVector) -> bool:
+    """Whether ``harm`` is steered at 1.0 by default (a fine-tune's weights or difference), not
+    calibrated like a direction whose size means nothing (gradients, a saved direction)."""
+    return harm.kind == "harmful" or harm.source.startswith("finetune:")
 
 
 def warn_shared(config: SoteriaConfig) -> None:
