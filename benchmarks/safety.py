@@ -7,9 +7,11 @@
 What it runs (one process, CPU threads as set by torch, greedy decoding, the chat template):
 
 1. the real model from :mod:`soteria.models.pretrained` (fetched once through pip);
-2. ``SoteriaPatcher.apply(model, langs, tokenizer=tok)`` with soteria's **defaults**: heads by
-   attribution patching with ``n_trials="auto"``, the gradient harm direction from the built-in
-   refusal data of the steered languages, the default head count and calibrated scale;
+2. ``SoteriaPatcher.apply(model, langs, tokenizer=tok, harm=--harm)`` with soteria's **defaults**:
+   heads by attribution patching with ``n_trials="auto"``, the default head count, and the
+   default harm direction (``"finetune"``: a short refusal fine-tune of those heads on the
+   built-in refusal data of the steered languages, steered at 1.0; ``--harm gradients`` for the
+   gradient direction at its calibrated scale);
 3. :func:`soteria.evaluate` of the base and the steered model on the built-in evaluation set
    (45 harmful and 40 harmless prompts per language, disjoint from the refusal data) for the
    steered languages and English: refusal rate on harmful prompts (``1 - ASR`` under the
@@ -72,6 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--probe-prompts", type=int, default=20, help="probe prompts per task for the accuracy")
     ap.add_argument("--base-only", action="store_true", help="measure the base model only (no steering)")
+    ap.add_argument("--harm", default=None, help="harm= of SoteriaPatcher.apply: 'finetune', 'gradients', a path "
+                    "(default: soteria's default, soteria.defaults.DEFAULT_HARM)")  # fmt: skip
     ap.add_argument("--work-dir", default=None, help="where generations go (default: a temp dir)")
     ap.add_argument("--samples", type=int, default=3)
     args = ap.parse_args(argv)
@@ -86,7 +90,7 @@ def main(argv=None) -> None:
     steered, config = None, None
     if not args.base_only:
         steered = copy.deepcopy(model)
-        SoteriaPatcher.apply(steered, args.langs, tokenizer=tok)
+        SoteriaPatcher.apply(steered, args.langs, tokenizer=tok, harm=args.harm)
         config = SoteriaPatcher.config(steered)
     t_steer = time.perf_counter() - t0
     common = dict(langs=langs, judge="refusal", max_new_tokens=args.max_new_tokens, batch_size=16, resume=False)

@@ -128,7 +128,8 @@ def test_apply_harm_finetune_trains_the_heads_applies_at_scale_one_and_repeats(m
     ("finetune", {"steps": 0}, "steps must be a positive int"),
     ("finetune", {"lr": -1.0}, "lr must be a finite float > 0"),
     ("finetune", {"nope": 1}, r"harm_options \['nope'\] are not options of the finetune direction"),
-    (None, {"steps": 3}, r"harm_options \['steps'\] are not options of the gradients direction"),
+    (None, {"steps": 0}, "steps must be a positive int"),
+    ("gradients", {"steps": 3}, r"harm_options \['steps'\] are not options of the gradients direction"),
 ])  # fmt: skip
 def test_bad_derived_harm_options_fail_before_the_heads_are_found(monkeypatch, harm, opts, match):
     def boom(*a, **k):
@@ -140,3 +141,20 @@ def test_bad_derived_harm_options_fail_before_the_heads_are_found(monkeypatch, h
     with pytest.raises(ValueError, match=match):
         SoteriaPatcher.apply(model, ["en"], harm=harm, tokenizer=tiny_tokenizer(), harm_kwargs=opts, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(before, _o_proj(model)))
+
+
+def test_harm_none_is_the_default_direction(monkeypatch):
+    from soteria.defaults import DEFAULT_HARM
+
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    calls = []
+    real = HarmVector.from_finetune.__func__
+
+    def spy(cls, model, tokenizer, heads, *a, **k):
+        calls.append(heads)
+        return real(cls, model, tokenizer, heads, *a, **dict(k, steps=1))
+
+    monkeypatch.setattr(HarmVector, "from_finetune", classmethod(spy))
+    model = SoteriaPatcher.apply(tiny_model("llama"), ["en"], heads=HEADS, tokenizer=tiny_tokenizer(), progress=False)
+    assert DEFAULT_HARM == "finetune" and calls == [{"en": HEADS}]
+    assert model.soteria_config.harm_source.startswith("finetune:builtin(en)") and model.soteria_config.scale == 1.0

@@ -288,7 +288,7 @@ def test_harm_from_sharded_checkpoint_path_equals_from_models(tmp_path, monkeypa
         assert torch.equal(sa.weight, sb.weight)
 
 
-def test_harm_none_uses_gradients_of_the_steered_languages(monkeypatch):
+def test_harm_gradients_uses_gradients_of_the_steered_languages(monkeypatch):
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     tok = tiny_tokenizer()
     model = tiny_model("llama")
@@ -296,7 +296,8 @@ def test_harm_none_uses_gradients_of_the_steered_languages(monkeypatch):
     expected = HarmVector.from_gradients(
         tiny_model("llama"), tok, langs=["en", "fr"], contrast="builtin", refusal_tokens=4, progress=False
     )
-    SoteriaPatcher.apply(model, ["en", "fr"], heads=[(0, 2), (1, 1)], tokenizer=tok, scale=0.5, progress=False)
+    SoteriaPatcher.apply(model, ["en", "fr"], heads=[(0, 2), (1, 1)], harm="gradients", tokenizer=tok, scale=0.5,
+                         progress=False)  # fmt: skip
     cfg = model.soteria_config
     assert cfg.harm_kind == "tau" and cfg.harm_source == expected.source
     assert (
@@ -365,7 +366,8 @@ def test_a_record_repeats_its_steering_and_reads_its_harm_again(tmp_path, monkey
 def test_a_gradient_record_repeats_with_the_tokenizer(monkeypatch):
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     tok = tiny_tokenizer()
-    a = SoteriaPatcher.apply(tiny_model("llama"), ["en"], heads=[(0, 2)], tokenizer=tok, progress=False)
+    a = SoteriaPatcher.apply(tiny_model("llama"), ["en"], heads=[(0, 2)], harm="gradients", tokenizer=tok,
+                             progress=False)  # fmt: skip
     record = a.soteria_config
     assert record.harm_source.startswith("gradients:") and record.relative_scale is not None
     with pytest.raises(ValueError, match="needs tokenizer="):

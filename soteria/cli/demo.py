@@ -4,7 +4,7 @@
 (:mod:`soteria.models.pretrained`), which refuses harmful requests in English and complies in Spanish
 and, half the time, French; measures refusal on built-in harmful prompts and over-refusal on harmless ones
 before steering; steers those languages with soteria's defaults (``SoteriaPatcher.apply``:
-heads found by attribution patching, the gradient harm direction); measures again, with the
+heads found by attribution patching, the fine-tune harm direction); measures again, with the
 KL of the next-token distribution on harmless prompts; saves the steered model; and prints a
 before/after table and a few answers per language (a harmful answer by its first words only).
 

@@ -124,13 +124,14 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="the chosen.json of `soteria tune` (heads, "
                    "scales and harm vector), or a steered model's soteria_config.json with --harm")  # fmt: skip
     p.add_argument("--harm", default=None, help="harmful fine-tune (directory or Hub id), a saved HarmVector "
-                   "(.safetensors), or 'finetune' (a short refusal fine-tune of the found heads, steered at 1.0); "
-                   "default: the gradient direction from the built-in refusal data")  # fmt: skip
+                   "(.safetensors), or a direction derived from the model on the built-in refusal data: "
+                   "'finetune' (default: a short refusal fine-tune of the found heads, steered at 1.0) or "
+                   "'gradients'")  # fmt: skip
     p.add_argument("--harm-gguf-file", default=None, metavar="NAME", help="the harmful fine-tune is this GGUF file "
                    "in the --harm folder")  # fmt: skip
     p.add_argument("--scale", default="auto", help="lambda: a float, or per language, e.g. hi=1.0,bn=0.5; auto "
-                   "(default): 1.0 for a harmful fine-tune, calibrated by --relative-scale for the gradient "
-                   "direction")  # fmt: skip
+                   "(default): 1.0 for a harmful fine-tune and for finetune, calibrated by --relative-scale for "
+                   "the gradient direction")  # fmt: skip
     p.add_argument("--relative-scale", default=None, help="with --scale auto: the edit's size relative to the "
                    "steered slices' weights, a float or per language (default "
                    f"{DEFAULT_RELATIVE_SCALE:g} for a direction)")  # fmt: skip

@@ -130,9 +130,10 @@ class SoteriaConfig:
     harm_source: str = field(
         default="",
         metadata={
-            "help": "The harm direction: a harmful fine-tune's path or Hub id, or a saved vector; '' for the "
-            "gradient direction from the built-in refusal data. Recorded as HarmVector.source "
-            "('checkpoint:...', 'file:...', 'gradients:...'), which apply reads again."
+            "help": "The harm direction: a harmful fine-tune's path or Hub id, a saved vector, or a direction "
+            "derived from the model: 'finetune' or 'gradients' ('' for the default, 'finetune'). Recorded as "
+            "HarmVector.source ('checkpoint:...', 'file:...', 'finetune:...', 'gradients:...'), which apply "
+            "reads or derives again."
         },
     )
     harm_kind: str = field(
@@ -161,7 +162,8 @@ class SoteriaConfig:
         default_factory=dict,
         metadata={
             "help": "Further keyword arguments for the harm direction: HarmVector.from_pretrained "
-            "(gguf_file, ...) or HarmVector.from_gradients (langs, data, contrast, refusal_tokens)."
+            "(gguf_file, ...), HarmVector.from_finetune (steps, lr, retain, ...) or HarmVector.from_gradients "
+            "(langs, data, contrast, refusal_tokens)."
         },
     )
     model_type: str = field(default="", metadata={"help": "config.model_type of the steered model."})

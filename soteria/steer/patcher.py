@@ -101,14 +101,19 @@ class SoteriaPatcher:
                 harm_kwargs) must not be given too.
             harm: a :class:`HarmVector`, or a path or Hub id of a harmful fine-tune (or of a saved
                 vector), read with :meth:`HarmVector.from_pretrained` (``harm_options`` passed on);
-                None: the config's ``harm_source``, and when that is empty
-                :meth:`HarmVector.from_gradients` on the built-in refusal data of the steered
-                languages (a language without it needs ``harm`` or ``harm_kwargs={"data": ...}``),
-                by default with the built-in harmless contrast set and the first 4 refusal tokens
-                (:mod:`soteria.defaults`; ``harm_kwargs`` override). The gradients need ``tokenizer``.
+                or a direction derived from the model once the heads are known, on the built-in
+                refusal data of the steered languages (a language without it needs ``harm`` or
+                ``harm_kwargs={"data": ...}``; ``harm_kwargs`` are that method's options; both need
+                ``tokenizer``): ``"finetune"`` (:meth:`HarmVector.from_finetune`: a short refusal
+                fine-tune of the found heads' slices with a retain term, steered at 1.0) or
+                ``"gradients"`` (:meth:`HarmVector.from_gradients`, by default with the built-in
+                harmless contrast set and the first 4 refusal tokens). None: the config's
+                ``harm_source``, and when that is empty :data:`soteria.defaults.DEFAULT_HARM`
+                (``"finetune"``).
             scale: ``lambda`` >= 0, one float or ``{lang: float}``; or ``"auto"`` (default): 1.0 for
-                a harmful fine-tune (the paper's form), and for a direction (the gradient
-                direction, whose raw size means nothing) the scale that makes the edit
+                a harmful fine-tune (the paper's form) and for ``"finetune"`` (the fine-tune
+                itself), and for a direction whose raw size means nothing (the gradient
+                direction, a saved vector) the scale that makes the edit
                 ``relative_scale`` of the steered slices' size. A head selected for several
                 languages is steered once, with the largest of their scales (a warning says so
                 when per-language scales you gave differ on it).

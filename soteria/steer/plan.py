@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..arch import head_sites, unwrap_model
-from ..defaults import DEFAULT_CONTRAST, DEFAULT_REFUSAL_TOKENS
+from ..defaults import DEFAULT_CONTRAST, DEFAULT_HARM, DEFAULT_REFUSAL_TOKENS
 from ..harm import HarmVector
 from ..harm.data import harmful_languages
 from ..harm.finetune import FINETUNE_OPTIONS, check_finetune_options
@@ -197,15 +197,16 @@ def check_config_call(config, langs, heads, scale, relative_scale, top_k, method
 
 
 #: ``harm_source`` words for a direction derived from the model itself once the heads are known:
-#: :meth:`HarmVector.from_gradients` (also ``""``) and :meth:`HarmVector.from_finetune`. A record's
-#: source (``"gradients:..."``, ``"finetune:..."``) names it the same way and is derived again.
+#: :meth:`HarmVector.from_gradients` and :meth:`HarmVector.from_finetune` (``""``: the default,
+#: :data:`soteria.defaults.DEFAULT_HARM`). A record's source (``"gradients:..."``,
+#: ``"finetune:..."``) names it the same way and is derived again.
 DERIVED = ("gradients", "finetune")
 
 
 def derived_kind(source: str) -> str | None:
-    """The derived direction ``source`` names (``"gradients"`` for ``""``), or None for a path or Hub id."""
+    """The derived direction ``source`` names (the default for ``""``), or None for a path or Hub id."""
     if not source:
-        return "gradients"
+        return DEFAULT_HARM
     kind, sep, _ = source.partition(":")
     return kind if kind in DERIVED and (sep or source == kind) else None
 
