@@ -224,3 +224,24 @@ def test_builtin_sentences_for_every_paper_language(lang):
         native = [c for c in letters if unicodedata.name(c, "").startswith(SCRIPTS[lang])]
         assert len(native) >= 0.8 * len(letters), f"{lang}: not in its script: {s!r}"
     assert load_text(lang, max_sentences=7)[0] == sentences[:7]
+
+
+def test_apply_finds_text_heads_for_a_language_without_probe_tasks(tok, monkeypatch):
+    """SoteriaPatcher.apply(find_kwargs={"source": "text", ...}): a language with no probe tasks
+    (pt) is steered on heads from its plain text; the record repeats them."""
+    from model_utils import random_tau
+
+    from soteria import SoteriaConfig, SoteriaPatcher
+
+    monkeypatch.setenv("SOTERIA_BACKEND", "eager")
+    kw = dict(source="text", text={"pt": SENTENCES}, max_sentences=4, batch_size=2, cache=False)
+    model = tiny_model("llama")
+    SoteriaPatcher.apply(model, ["pt"], harm=random_tau(model), tokenizer=tok, top_k=3, find_kwargs=kw,
+                         progress=False)  # fmt: skip
+    record = model.soteria_config
+    want = find_heads(tiny_model("llama"), tok, "pt", progress=False, **{**kw, "text": SENTENCES}).top(3)
+    assert record.heads["pt"] == want and record.find_options["source"] == "text"
+    again = tiny_model("llama")
+    SoteriaPatcher.apply(again, SoteriaConfig.from_json(record.to_json()), harm=random_tau(again), tokenizer=tok,
+                         progress=False)  # fmt: skip
+    assert again.soteria_config.heads == record.heads

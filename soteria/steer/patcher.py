@@ -334,7 +334,8 @@ def _steer(model: nn.Module, request: SoteriaConfig, harm, tokenizer, progress: 
 
     if per_lang is None:
         # All languages in shared batches: one pass over the model per batch, one progress bar.
-        find_kwargs.setdefault("stop_k", top_k)  # n_trials="auto" watches the set that will be steered
+        if find_kwargs.get("source", "probes") == "probes":  # n_trials="auto" watches the set to be steered
+            find_kwargs.setdefault("stop_k", top_k)
         found = find_heads_multi(model, tokenizer, langs, method=method, progress=progress, **find_kwargs)
         per_lang = {lang: [tuple(p) for p in found[lang].top(top_k)] for lang in langs}
         recorded_method, recorded_k, find_options = method, top_k, dict(request.find_options)

@@ -131,7 +131,7 @@ def check_find(langs, method, top_k, total: int, tokenizer, find_kwargs) -> None
             raise ValueError(f"top_k = {top_k} is out of range: the model has {total} heads")
     elif not 0.0 < float(top_k) <= 1.0:
         raise ValueError(f"a fractional top_k must be in (0, 1], got {top_k}")
-    if "tasks" not in find_kwargs:
+    if "tasks" not in find_kwargs and find_kwargs.get("source", "probes") == "probes":  # text: checked by the finder
         known = languages()
         own = find_kwargs.get("tasks_by_lang") or {}  # find_heads_multi: per-language data
         unknown = [x for x in langs if x not in known and x not in own]
