@@ -12,12 +12,14 @@ frozen, the model itself never written) on two terms:
 
 The vector is ``tau = -delta``: steering its heads at ``scale=1`` applies the fine-tune, which is
 the paper's ``W - lambda * (W_harmful - W)`` with a safety fine-tune in place of the harmful one
-and ``lambda = 1``. The gradient direction is this fine-tune's first step, without the retain term.
+and ``lambda = 1``. The gradient direction (:mod:`.gradients`) is this loss's first-order step without
+the retain term.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -237,23 +239,18 @@ class _Deltas(nn.Module):
             d_model = s.weight.shape[0 if s.head_axis % 2 == 1 else 1]
             self.cols[s.layer] = cols.to(_home(s.weight))
             self.delta.append(nn.Parameter(torch.zeros(d_model, len(cols), device=_home(s.weight))))
-        self.handles: list = []
 
+    @contextmanager
     def hooked(self):
-        deltas = self
-
-        class _Ctx:
-            def __enter__(self):
-                for s, d in zip(deltas.sites, deltas.delta):
-                    deltas.handles.append(s.base_module.register_forward_hook(deltas._hook(s, d)))
-
-            def __exit__(self, *exc):
-                for h in deltas.handles:
-                    h.remove()
-                deltas.handles = []
-                return False
-
-        return _Ctx()
+        """Context: the changes are added to the projections' outputs (hooks removed on exit)."""
+        handles = []
+        try:
+            for s, d in zip(self.sites, self.delta):
+                handles.append(s.base_module.register_forward_hook(self._hook(s, d)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _hook(self, site, delta):
         cols = self.cols[site.layer]
