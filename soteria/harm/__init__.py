@@ -2,6 +2,7 @@
 
 - :mod:`.vector`: :class:`HarmVector`, its kinds, save and load;
 - :mod:`.checkpoint`: reading a harmful fine-tune (folder, file, Hub, GGUF) lazily;
+- :mod:`.finetune`: the direction from a short refusal fine-tune of the found heads (the default);
 - :mod:`.gradients`: the direction from the model's own refusal gradients;
 - :mod:`.data`: the built-in harmful requests with refusals, and harmless requests.
 """
