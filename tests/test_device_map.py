@@ -205,12 +205,12 @@ def test_gradient_harm_of_split_model_equals_unsplit(how, tok, tmp_path):
 
 @pytest.mark.parametrize("how", ["disk", "disk-gpt2"])
 def test_apply_with_gradient_harm_on_split_model(how, tok, tmp_path, monkeypatch):
-    """harm=None with explicit heads on an offloaded model: the same edit as on the unsplit one."""
+    """harm="gradients" with explicit heads on an offloaded model: the same edit as on the unsplit one."""
     monkeypatch.setenv("SOTERIA_BACKEND", "eager")
     full, split, dirs = _pair(how, tmp_path)
     before = {s.layer: _real(s).clone() for s in head_sites(split)}
     files = _files(dirs)
-    kw = dict(harm=None, heads=HEADS, scale={"en": 30.0, "fr": 50.0}, tokenizer=tok, progress=False,
+    kw = dict(harm="gradients", heads=HEADS, scale={"en": 30.0, "fr": 50.0}, tokenizer=tok, progress=False,
               harm_kwargs={"data": ROWS, "batch_size": 2})  # fmt: skip
     SoteriaPatcher.apply(full, ["en", "fr"], **kw)
     SoteriaPatcher.apply(split, ["en", "fr"], **kw)

@@ -285,7 +285,7 @@ def test_cli_steers_a_gguf_file_into_a_plain_checkpoint(smol_dir, tmp_path, caps
 
     out = tmp_path / "steered"
     code = main(["steer", str(smol_dir.parent), "--gguf-file", SPEC.gguf_name, "--langs", "en",
-                 "--heads", "3:1,7:2", "--out", str(out)])  # fmt: skip
+                 "--heads", "3:1,7:2", "--harm", "gradients", "--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "harmless-prompt KL(base || steered)" in captured.err and "steered 2 heads" in captured.out

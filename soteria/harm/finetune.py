@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import head_sites, model_type
-from ..heads.prompts import encode_batch, position_ids
 from ..models.state import frozen_eval, input_device
 from ..progress import progress_bar
 from .gradients import _contrast_rows, _home, _pad_id, _rows, encode_pair, prompt_ids
@@ -164,13 +163,23 @@ class _Cycle:
         return out
 
 
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask, position_ids)`` ``[B, T]`` (positions count real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp_min(0).to(device)
+
+
 def _answer_logits(model, tokenizer, rows, device) -> list[torch.Tensor]:
     """Per ``(ids, n_prompt)`` row, the fp32 logits ``[len(ids) - n_prompt, V]`` that predict its answer
     tokens (one left-padded batch; logits only for the answer positions)."""
-    ids, mask, _ = encode_batch(tokenizer, [r for r, _ in rows], padding_side="left", device=device)
+    ids, mask, pos = _left_pad([r for r, _ in rows], _pad_id(tokenizer), device)
     keep = max(len(r) - n for r, n in rows) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                   logits_to_keep=keep).logits  # fmt: skip
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
     return [logits[i, keep - 1 - (len(r) - n) : keep - 1].float() for i, (r, n) in enumerate(rows)]
 
 
@@ -217,7 +226,7 @@ def _base_answers(model, tokenizer, prompts, answer_tokens, max_length, batch_si
     starts = range(0, len(heads), batch_size)
     for s in progress_bar(starts, desc="harmless answers", unit="batch", enabled=progress and len(starts) > 1):
         chunk = heads[s : s + batch_size]
-        ids, mask, _ = encode_batch(tokenizer, chunk, padding_side="left", device=input_device(model))
+        ids, mask, _ = _left_pad(chunk, pad, input_device(model))
         new = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=answer_tokens,
                              pad_token_id=pad)[:, ids.shape[1] :].tolist()  # fmt: skip
         for p, a in zip(chunk, new):
