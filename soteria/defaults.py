@@ -21,9 +21,10 @@ __all__ = [
 DEFAULT_TOP_K = 0.2
 #: The harm direction when none is given (``harm=None``): ``"finetune"``
 #: (:meth:`HarmVector.from_finetune`, a short refusal fine-tune of the found heads with a retain
-#: term, steered at 1.0). On Qwen2.5-0.5B it refused more in es, fr and de than ``"gradients"``
-#: (:meth:`HarmVector.from_gradients`) at lower KL and no more over-refusal, for about 16 times
-#: the gradient's cost (minutes on a CPU).
+#: term, steered at 1.0). On Qwen2.5-0.5B, with the same refusal data and heads, it refused more
+#: in es, fr and de than ``"gradients"`` (:meth:`HarmVector.from_gradients`) at lower KL and no
+#: more over-refusal, for about 16 times the gradient's cost (minutes on a CPU); README.md has
+#: the full-evaluation numbers.
 DEFAULT_HARM = "finetune"
 #: ``scale="auto"`` for a direction: the edit's size relative to the steered slices',
 #: ``||scale * tau_S||_F / ||W_S||_F``. Twice this already doubled over-refusal on Qwen2.5-0.5B.
