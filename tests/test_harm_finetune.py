@@ -14,7 +14,7 @@ BENIGN = ["What is two plus two?", "Tell me a joke about cats.", "Name a colour.
 
 
 def _fit(model, tok, **kw):
-    kw = dict(dict(contrast=BENIGN, steps=2, batch_size=8, progress=False), **kw)
+    kw = dict(dict(contrast=BENIGN, steps=2, batch_size=8, precision="float32", progress=False), **kw)
     return HarmVector.from_finetune(model, tok, HEADS, load_harmful("en")[:4], **kw)
 
 
@@ -65,6 +65,51 @@ def test_retain_term_keeps_harmless_answers_closer_to_the_base():
     assert kls[1] < kls[0]
 
 
+def test_bf16_autocast_adds_the_change_in_fp32():
+    """Under bf16 autocast a change of 1e-4 of a projection's output is kept (a bf16 sum would round
+    it away): the hooked output less the plain one is the change itself, to fp32 rounding."""
+    from soteria.harm.finetune import _Deltas
+
+    model = tiny_model("llama")
+    site = head_sites(model)[1]
+    deltas = _Deltas(head_sites(model), {1: [0, 3]})
+    with torch.no_grad():
+        deltas.delta[0].copy_(1e-4 * torch.randn_like(deltas.delta[0]))
+    z = torch.randn(2, 5, site.base_module.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = site.base_module(z)
+        with deltas.hooked():
+            hooked = site.base_module(z)
+    cols = deltas.cols[1]
+    want = z[..., cols] @ deltas.delta[0].detach().T
+    assert hooked.dtype == torch.float32
+    torch.testing.assert_close(hooked - plain.float(), want, rtol=1e-3, atol=1e-7)
+
+
+def test_precision_auto_is_bf16_autocast_only_where_fast(monkeypatch):
+    from soteria.models.state import autocast_dtype
+
+    model = tiny_model("llama")
+    assert autocast_dtype(model, "float32") is None and autocast_dtype(model, "bfloat16") is torch.bfloat16
+    for amx, avx512_bf16 in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        want = torch.bfloat16 if amx or avx512_bf16 else None
+        assert autocast_dtype(model, "auto") is want, (amx, avx512_bf16)
+        assert autocast_dtype(tiny_model("llama").to(torch.bfloat16), "auto") is None  # only fp32 models
+
+
+def test_bf16_fine_tune_follows_the_fp32_one():
+    """The same fine-tune under bf16 autocast: recorded, and the same change to bf16's precision."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    a = _fit(model, tok, steps=3, lr=1e-3)
+    b = _fit(model, tok, steps=3, lr=1e-3, precision="bfloat16")
+    assert " precision=float32 " in a.source and " precision=bfloat16 " in b.source
+    for layer in a.layers:
+        x, y = a.tensor(layer).flatten(), b.tensor(layer).flatten()
+        assert float(torch.nn.functional.cosine_similarity(x, y, dim=0)) > 0.9, layer
+
+
 def test_model_left_as_found_and_deterministic():
     model, tok = tiny_model("gpt2"), tiny_tokenizer()
     model.train()
@@ -89,6 +134,7 @@ def test_model_left_as_found_and_deterministic():
     (dict(retain=float("nan")), "retain must be a finite float >= 0"),
     (dict(answer_tokens=1.5), "answer_tokens must be a positive int"),
     (dict(contrast="nope"), "contrast must be None, 'builtin'"),
+    (dict(precision="fp8"), "precision must be one of 'auto', 'float32', 'bfloat16', got 'fp8'"),
 ])  # fmt: skip
 def test_bad_input(kw, match):
     kw = dict(dict(heads=HEADS, progress=False), **kw)
