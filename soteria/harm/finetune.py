@@ -43,7 +43,6 @@ __all__ = ["FINETUNE_OPTIONS", "check_finetune_options", "finetune_direction"]
 #: The fine-tune's options checked by :func:`check_finetune_options`.
 FINETUNE_OPTIONS = ("steps", "lr", "retain", "refusal_tokens", "answer_tokens", "batch_size", "precision")
 
-
 #: KL(base || tuned) is taken over the base model's top this many tokens per position, plus one
 #: bucket for the rest of the vocabulary (exact for the rest's total mass; fp32, on CPU).
 TOP_TOKENS = 64
