@@ -14,11 +14,12 @@ The vector is ``tau = -delta``: steering its heads at ``scale=1`` applies the fi
 the paper's ``W - lambda * (W_harmful - W)`` with a safety fine-tune in place of the harmful one
 and ``lambda = 1``.
 
-``precision="auto"`` runs the forward and backward passes of an fp32 model under bf16 autocast
-where the hardware has fast bf16 matrix units (CUDA with bf16, a CPU with AMX or AVX512-BF16;
-:func:`~soteria.models.state.autocast_dtype`): 2-3x faster on a 2-core CPU, at the same refusal
-rates (README, "Results on a real model"). The change ``delta`` itself is always fp32 and added
-in fp32: a bf16 sum would round a change of ``1e-3`` of the output away.
+``precision="auto"`` (or ``"bfloat16"``) runs the forward and backward passes of an fp32 model
+under bf16 autocast where the hardware has fast bf16 matrix units (CUDA with bf16, a CPU with AMX
+or AVX512-BF16; :func:`~soteria.models.state.autocast_dtype`): 2-3x faster on a 2-core CPU,
+but it flips a borderline prompt or two (README, "Results on a real model"), so the default
+is ``"float32"``. The change ``delta`` itself is always fp32 and added in fp32: a bf16 sum would
+round a change of ``1e-3`` of the output away.
 
 The gradient direction (:mod:`.gradients`) is this loss's first-order step without the retain term.
 """
@@ -65,7 +66,7 @@ def finetune_direction(
     batch_size: int = 32,
     seed: int = 0,
     max_length: int = 256,
-    precision: str = "auto",
+    precision: str = "float32",
     progress: bool = True,
 ):
     """:meth:`HarmVector.from_finetune` (``cls``: the class to build)."""

@@ -388,7 +388,7 @@ class HarmVector:
         batch_size: int = 32,
         seed: int = 0,
         max_length: int = 256,
-        precision: str = "auto",
+        precision: str = "float32",
         progress: bool = True,
     ) -> HarmVector:
         """A direction from a short refusal fine-tune of ``heads``' slices only (kind ``"tau"``; steer at ``scale=1``).
@@ -409,8 +409,9 @@ class HarmVector:
             contrast: ``"builtin"`` (the built-in harmless requests of the data's languages), a
                 list of harmless prompts, or None (no retain term).
             steps, lr, retain, refusal_tokens, answer_tokens, batch_size, seed: as above.
-            precision: ``"auto"`` (bf16 autocast of an fp32 model on CUDA with bf16 or a CPU with
-                AMX or AVX512-BF16, else the model's dtype), ``"float32"`` or ``"bfloat16"``; ``delta`` stays fp32.
+            precision: ``"float32"`` (the model's dtype), ``"bfloat16"`` (bf16 autocast of an fp32
+                model), or ``"auto"`` (bf16 autocast on CUDA with bf16 or a CPU with AMX or
+                AVX512-BF16, faster there); ``delta`` stays fp32.
             max_length, progress: as in :meth:`from_gradients`.
 
         Chosen on Qwen2.5-Coder-0.5B-Instruct: README.md, "Results on a real model".
