@@ -14,7 +14,7 @@ BENIGN = ["What is two plus two?", "Tell me a joke about cats.", "Name a colour.
 
 
 def _fit(model, tok, **kw):
-    kw = dict(dict(contrast=BENIGN, steps=2, batch_size=8, precision="float32", progress=False), **kw)
+    kw = dict(dict(contrast=BENIGN, steps=2, batch_size=8, progress=False), **kw)
     return HarmVector.from_finetune(model, tok, HEADS, load_harmful("en")[:4], **kw)
 
 
