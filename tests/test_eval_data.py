@@ -12,7 +12,7 @@ import pytest
 
 from soteria.evaluation import EvalPrompt, RefusalJudge, eval_languages, load_hub, load_prompts, smoke_prompts
 from soteria.evaluation.prompt_sets import harmless_prompts, heldout_texts, instruction, normalize_lang
-from soteria.harm.data import load_harmful, load_harmless
+from soteria.harm.data import first_sentence, load_harmful, load_harmless
 
 PAPER = ["en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te"]
 
@@ -76,6 +76,10 @@ def test_refusal_judge_recognises_every_shipped_refusal():
             rows = load_harmful(lang)
             labels = judge.judge([r["prompt"] for r in rows], [r["refusal"] for r in rows], lang)
             missed = [r["refusal"] for r, x in zip(rows, labels) if x != "safe"]
+            assert not missed, (lang, missed)
+            # The fine-tune trains each refusal's first sentence (refusal_tokens="sentence"): the decision.
+            firsts = [first_sentence(r["refusal"]) for r in rows]
+            missed = [f for f in firsts if not judge.is_refusal(f, lang)]
             assert not missed, (lang, missed)
 
 

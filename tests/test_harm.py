@@ -12,7 +12,7 @@ import soteria.harm.checkpoint as harm_mod
 import soteria.harm.gradients as grad_mod
 from soteria.arch import head_sites
 from soteria.harm import HarmVector, refusal_loss
-from soteria.harm.data import harmful_languages, load_harmful, read_harmful
+from soteria.harm.data import first_sentence, harmful_languages, load_harmful, read_harmful
 from soteria.models.tiny import tiny_model, tiny_tokenizer
 
 LANGS = ["en", "zh", "fr", "de", "es", "ar", "bg", "th", "hi", "bn", "ta", "te"]
@@ -551,12 +551,35 @@ def test_refusal_tokens_scores_only_the_opening_of_each_refusal():
     for layer in a.layers:
         torch.testing.assert_close(a.tensor(layer), b.tensor(layer))
     assert "refusal_tokens=3" in a.source
+    sentence = HarmVector.from_gradients(model, tok, data=rows, refusal_tokens="sentence", progress=False)
+    first = [{"prompt": rows[0]["prompt"], "refusal": "I can't help with that."}]
+    cut = HarmVector.from_gradients(model, tok, data=first, refusal_tokens="sentence", progress=False)
+    for layer in a.layers:
+        torch.testing.assert_close(sentence.tensor(layer), cut.tensor(layer))
+        assert not torch.allclose(sentence.tensor(layer), a.tensor(layer))
+    assert "refusal_tokens=sentence" in sentence.source
+
+
+@pytest.mark.parametrize("text, first", [
+    ("I can't help with that. Picking locks is illegal.", "I can't help with that."),
+    ("Ich kann dabei nicht helfen, aber deine Sicherheit ist mir wichtig. Bitte ruf an.",
+     "Ich kann dabei nicht helfen, aber deine Sicherheit ist mir wichtig."),
+    ("Costs 3.5 euros? No.", "Costs 3.5 euros?"),
+    ("我无法帮助你。未经允许是违法的。", "我无法帮助你。"),
+    ("मैं इसमें मदद नहीं कर सकता। किसी के घर में", "मैं इसमें मदद नहीं कर सकता।"),
+    ("لا يمكنني مساعدتك؟ لا", "لا يمكنني مساعدتك؟"),
+    ("ฉันช่วยเรื่องนี้ไม่ได้ การเข้าไปในบ้าน", "ฉันช่วยเรื่องนี้ไม่ได้"),
+    ("No end mark", "No end mark"),
+])  # fmt: skip
+def test_first_sentence(text, first):
+    assert first_sentence(text) == first
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(contrast="nope"), "contrast must be None, 'builtin'"),
     (dict(contrast=[]), "at least one non-empty prompt"),
-    (dict(refusal_tokens=0), "refusal_tokens must be a positive int"),
+    (dict(refusal_tokens=0), "refusal_tokens must be a positive int or 'sentence'"),
+    (dict(refusal_tokens="word"), "refusal_tokens must be a positive int or 'sentence'"),
 ])  # fmt: skip
 def test_gradient_options_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -133,6 +133,7 @@ def test_model_left_as_found_and_deterministic():
     (dict(lr=0.0), "lr must be a finite float > 0"),
     (dict(retain=float("nan")), "retain must be a finite float >= 0"),
     (dict(answer_tokens=1.5), "answer_tokens must be a positive int"),
+    (dict(refusal_tokens="all"), "refusal_tokens must be a positive int or 'sentence', got 'all'"),
     (dict(contrast="nope"), "contrast must be None, 'builtin'"),
     (dict(precision="fp8"), "precision must be one of 'auto', 'float32', 'bfloat16', got 'fp8'"),
 ])  # fmt: skip

@@ -2,7 +2,8 @@
 
 ``soteria/data/harmful/<lang>.jsonl``: for each of the twelve Soteria languages, forty short,
 non-graphic harmful requests (break into a house, phishing, stalking, hate speech, ...) each
-with a natural refusal in the same language. One JSON object a line:
+with a natural refusal in the same language whose first sentence is the refusal itself
+("Ich kann dabei nicht helfen.") and the rest a short reason. One JSON object a line:
 ``{"prompt": ..., "refusal": ..., "lang": ...}``. The same forty requests in every language.
 
 ``soteria/data/harmless/<lang>.jsonl``: forty-two harmless requests per language (``{"prompt",
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,22 @@ from typing import Any
 from ..io.jsonl import json_lines
 from ..langs import shipped_codes
 
-__all__ = ["harmful_languages", "load_harmful", "load_harmless", "read_harmful"]
+__all__ = ["first_sentence", "harmful_languages", "load_harmful", "load_harmless", "read_harmful"]
 
 _FIELDS = ("prompt", "refusal")
+
+#: Where a sentence ends: ``. ! ? ; ؟`` before a space or the end, a CJK or Indic full stop, or
+#: a space between Thai letters (Thai writes no full stop; a space ends the phrase).
+_SENTENCE_END = re.compile(r"[.!?;؟](?=\s|$)|[。！？।॥]|(?<=[\u0e00-\u0e7f])\s+(?=[\u0e00-\u0e7f])")
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text``, its end mark kept: a refusal's decision ("No puedo ayudarte
+    con eso."), wherever the language puts its negation (last, in Hindi or Tamil)."""
+    m = _SENTENCE_END.search(text)
+    if m is None:
+        return text
+    return text[: m.start() if m.group().isspace() else m.end()]
 
 
 def _data_dir():
@@ -100,9 +115,9 @@ def _read_harmless(lang: str) -> tuple[str, ...]:
 
 
 def load_harmless(langs: str | list[str] | None = None) -> list[dict[str, str]]:
-    """Built-in harmless ``{"prompt", "lang"}`` requests (``soteria/data/harmless/<lang>.jsonl``: twelve
-    per language, six everyday and six that merely sound sensitive; disjoint from the evaluation
-    set), the contrast side of :meth:`HarmVector.from_gradients`."""
+    """Built-in harmless ``{"prompt", "lang"}`` requests (``soteria/data/harmless/<lang>.jsonl``: forty-two
+    per language, everyday ones and ones that merely sound sensitive; disjoint from the evaluation
+    set): the contrast set of :meth:`HarmVector.from_gradients`, the retain set of the fine-tune."""
     langs = list(_shipped()) if langs is None else [langs] if isinstance(langs, str) else list(langs)
     return [{"prompt": p, "lang": lang} for lang in langs for p in _read_harmless(lang)]
 

@@ -37,7 +37,7 @@ from torch import nn
 from ..arch import head_sites, model_type
 from ..models.state import autocast_dtype, check_precision, frozen_eval, input_device, mixed_precision
 from ..progress import progress_bar
-from .gradients import _contrast_rows, _home, _pad_id, _rows, encode_pair, prompt_ids
+from .gradients import _contrast_rows, _home, _pad_id, _rows, check_refusal_tokens, encode_pair, prompt_ids
 
 __all__ = ["FINETUNE_OPTIONS", "check_finetune_options", "finetune_direction"]
 
@@ -61,7 +61,7 @@ def finetune_direction(
     steps: int = 16,
     lr: float = 3e-5,
     retain: float = 10.0,
-    refusal_tokens: int = 4,
+    refusal_tokens: int | str = 4,
     answer_tokens: int = 8,
     batch_size: int = 32,
     seed: int = 0,
@@ -131,6 +131,8 @@ def check_finetune_options(**options) -> None:
     for name, v in options.items():
         if name == "precision":
             check_precision(v)
+        elif name == "refusal_tokens":
+            check_refusal_tokens(v)
         elif name in ("lr", "retain"):
             bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
             if bad or (name == "lr" and v == 0):

@@ -17,9 +17,9 @@ from torch import nn
 from ..arch import head_sites, model_type
 from ..models.state import frozen_eval, input_device
 from ..progress import progress_bar
-from .data import load_harmful, load_harmless, read_harmful
+from .data import first_sentence, load_harmful, load_harmless, read_harmful
 
-__all__ = ["encode_pair", "gradient_direction", "prompt_ids", "refusal_loss"]
+__all__ = ["check_refusal_tokens", "encode_pair", "gradient_direction", "prompt_ids", "refusal_loss"]
 
 
 def gradient_direction(
@@ -30,7 +30,7 @@ def gradient_direction(
     *,
     langs: str | list[str] | None = None,
     contrast: Any = None,
-    refusal_tokens: int | None = None,
+    refusal_tokens: int | str | None = None,
     batch_size: int = 8,
     max_length: int = 256,
     progress: bool = True,
@@ -39,9 +39,8 @@ def gradient_direction(
     rows, what = _rows(data, langs, batch_size, max_length)
     benign = _contrast_rows(contrast, rows, langs)
     sites = head_sites(model)
-    if refusal_tokens is not None and (isinstance(refusal_tokens, bool) or not isinstance(refusal_tokens, int)
-                                       or refusal_tokens < 1):  # fmt: skip
-        raise ValueError(f"refusal_tokens must be a positive int or None, got {refusal_tokens!r}")
+    if refusal_tokens is not None:
+        check_refusal_tokens(refusal_tokens)
     encoded = [encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
                for i, r in enumerate(rows)]  # fmt: skip
     encoded_c = [encode_pair(tokenizer, r["prompt"], r["refusal"], max_length, i, refusal_tokens)
@@ -190,10 +189,20 @@ def prompt_ids(tokenizer, prompt: str, max_length: int, i: int) -> list[int]:
     return ids
 
 
+def check_refusal_tokens(refusal_tokens: Any) -> None:
+    """ValueError unless a positive int or ``"sentence"`` (None, all tokens, is the caller's to allow)."""
+    if refusal_tokens == "sentence":
+        return
+    if isinstance(refusal_tokens, bool) or not isinstance(refusal_tokens, int) or refusal_tokens < 1:
+        raise ValueError(f"refusal_tokens must be a positive int or 'sentence', got {refusal_tokens!r}")
+
+
 def encode_pair(
-    tokenizer, prompt: str, refusal: str, max_length: int, i: int, refusal_tokens: int | None = None
+    tokenizer, prompt: str, refusal: str, max_length: int, i: int, refusal_tokens: int | str | None = None
 ) -> tuple[list[int], int]:
-    """(token ids of request + refusal (its first ``refusal_tokens`` tokens), number of request tokens)."""
+    """(token ids of request + refusal, number of request tokens). The refusal is cut to its first
+    ``refusal_tokens`` tokens, or with ``"sentence"`` to the tokens of its first sentence
+    (:func:`~soteria.harm.data.first_sentence`); None keeps all of it."""
     p_ids = prompt_ids(tokenizer, prompt, max_length, i)
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
@@ -207,6 +216,8 @@ def encode_pair(
         eos = getattr(tokenizer, "eos_token_id", None)
         if isinstance(eos, int):
             r_ids.append(eos)
+    if refusal_tokens == "sentence":
+        refusal_tokens = len(_ids(tokenizer, first_sentence(refusal), False))
     r_ids = r_ids[: min(max_length - len(p_ids), refusal_tokens or max_length)]
     if not r_ids:
         raise ValueError(f"row {i}: the refusal has no tokens")

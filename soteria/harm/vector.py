@@ -306,7 +306,7 @@ class HarmVector:
         *,
         langs: str | list[str] | None = None,
         contrast: Any = None,
-        refusal_tokens: int | None = None,
+        refusal_tokens: int | str | None = None,
         batch_size: int = 8,
         max_length: int = 256,
         progress: bool = True,
@@ -340,7 +340,9 @@ class HarmVector:
                 heads leaves the refusal of those harmless requests unchanged while it raises the
                 refusal of harmful ones: over-refusal is kept down. None (default): no contrast.
             refusal_tokens: score only the first this many tokens of each refusal (the decision to
-                refuse, not the explanation that follows); None: all of them.
+                refuse, not the explanation that follows); ``"sentence"``: the tokens of its first
+                sentence (:func:`~soteria.harm.data.first_sentence`), which holds the decision in every
+                language, verb-final ones too; None: all of them.
             batch_size, max_length: rows per forward/backward pass; tokens per row (the refusal
                 is truncated to fit; a request that alone fills ``max_length`` is an error).
             progress: a progress bar over batches (log lines when stderr is not a terminal).
@@ -383,7 +385,7 @@ class HarmVector:
         steps: int = 16,
         lr: float = 3e-5,
         retain: float = 10.0,
-        refusal_tokens: int = 4,
+        refusal_tokens: int | str = 4,
         answer_tokens: int = 8,
         batch_size: int = 32,
         seed: int = 0,
@@ -408,7 +410,11 @@ class HarmVector:
             data, langs: the refusal data, as in :meth:`from_gradients`.
             contrast: ``"builtin"`` (the built-in harmless requests of the data's languages), a
                 list of harmless prompts, or None (no retain term).
-            steps, lr, retain, refusal_tokens, answer_tokens, batch_size, seed: as above.
+            steps, lr, retain, answer_tokens, batch_size, seed: as above.
+            refusal_tokens: as in :meth:`from_gradients`. Under Qwen's tokenizer the default 4
+                holds the "no" of the built-in en/es/fr refusals but of few German ones ("Dabei
+                kann ich | nicht") and of none in hi, bn, ta, te or th; ``"sentence"`` always holds
+                it, though on Qwen2.5-0.5B (es, fr, de) it refused less in es and fr than 4.
             precision: ``"float32"`` (the model's dtype), ``"bfloat16"`` (bf16 autocast of an fp32
                 model), or ``"auto"`` (bf16 autocast on CUDA with bf16 or a CPU with AMX or
                 AVX512-BF16, faster there); ``delta`` stays fp32.
