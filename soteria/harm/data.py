@@ -3,7 +3,7 @@
 ``soteria/data/harmful/<lang>.jsonl``: for each of the twelve Soteria languages, forty short,
 non-graphic harmful requests (break into a house, phishing, stalking, hate speech, ...) each
 with a natural refusal in the same language whose first sentence is the refusal itself
-("Ich kann dabei nicht helfen.") and the rest a short reason. One JSON object a line:
+("No puedo ayudarte con eso."), mostly followed by a short reason. One JSON object a line:
 ``{"prompt": ..., "refusal": ..., "lang": ...}``. The same forty requests in every language.
 
 ``soteria/data/harmless/<lang>.jsonl``: forty-two harmless requests per language (``{"prompt",
